@@ -1,0 +1,1 @@
+"""Subcommands of the `modkern` command line, one module each (see modkern.cli)."""

@@ -1,0 +1,36 @@
+"""The exceptions modkern raises. Each names what is wrong and where (key, model, expected)."""
+
+
+class ModkernError(Exception):
+    """Base class of every error modkern raises on bad input."""
+
+
+class AlphaError(ModkernError, ValueError):
+    """An alpha outside [0, 1], or of the wrong kind."""
+
+
+class KeyMismatchError(ModkernError, KeyError):
+    """Keys present in one model only (strict merges)."""
+
+    def __str__(self) -> str:  # KeyError would print the repr of the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ShapeMismatchError(ModkernError, ValueError):
+    """Two tensors that must have one shape (or one vocabulary width) do not."""
+
+
+class DTypeError(ModkernError, TypeError):
+    """A tensor of the wrong dtype kind (e.g. integer where floating point is needed)."""
+
+
+class NonFiniteError(ModkernError, ValueError):
+    """A NaN or infinity where the result would depend on it."""
+
+
+class BackendError(ModkernError, RuntimeError):
+    """A backend was asked for that cannot run these tensors here."""
+
+
+class CheckpointError(ModkernError, ValueError):
+    """A checkpoint folder or file that cannot be read or written as asked."""

@@ -1,0 +1,191 @@
+"""`merge_state_dicts`: MoD over whole state dicts, with name filters and per-name alpha.
+
+Name patterns (for `include`, `exclude` and the keys of an alpha mapping) follow one rule:
+a pattern with a glob character (`*`, `?`, `[`) must match the whole name (fnmatch);
+any other pattern matches when it occurs in the name (so `"mlp"` selects what the paper's
+released code merged).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from .backends import resolve_backend
+from .errors import AlphaError, DTypeError, KeyMismatchError
+from .select import SelectResult, check_alpha, check_pair, check_precision, select_into
+
+AlphaRule = float | Mapping[str, float] | Callable[[str], "float | None"]
+Patterns = str | Iterable[str] | None
+
+
+def matches(name: str, pattern: str) -> bool:
+    """Whether `pattern` selects `name` (see the module docstring)."""
+    if any(ch in pattern for ch in "*?["):
+        return fnmatch.fnmatchcase(name, pattern)
+    return pattern in name
+
+
+def _pattern_list(patterns: Patterns) -> list[str] | None:
+    if patterns is None:
+        return None
+    return [patterns] if isinstance(patterns, str) else list(patterns)
+
+
+def name_filter(include: Patterns = None, exclude: Patterns = None) -> Callable[[str], bool]:
+    """A predicate: True for names matched by some `include` pattern (all names when include
+    is None) and by no `exclude` pattern."""
+    inc, exc = _pattern_list(include), _pattern_list(exclude) or []
+
+    def keep(name: str) -> bool:
+        if inc is not None and not any(matches(name, p) for p in inc):
+            return False
+        return not any(matches(name, p) for p in exc)
+
+    return keep
+
+
+def alpha_for(rule: AlphaRule, name: str) -> float | None:
+    """The alpha `rule` gives `name`: the float itself, the value of the first matching
+    pattern of a mapping (in its order), or what a function returns (None: do not merge
+    this tensor). Raises AlphaError when a mapping has no pattern for the name."""
+    if isinstance(rule, Mapping):
+        for pattern, value in rule.items():
+            if matches(name, pattern):
+                return check_alpha(value, f"alpha for {name!r} (pattern {pattern!r})")
+        raise AlphaError(f"no alpha pattern matches tensor {name!r}; patterns are "
+                         f"{list(rule)}; add a catch-all such as '*': 0.9")
+    if callable(rule):
+        value = rule(name)
+        return None if value is None else check_alpha(value, f"alpha for {name!r}")
+    return check_alpha(rule)
+
+
+@dataclass
+class MergeStats:
+    """Counts a merge fills in when passed as `stats=`."""
+
+    tensors_merged: int = 0
+    tensors_carried: int = 0
+    elements_merged: int = 0
+    elements_taken: int = 0
+    taken_by_key: dict[str, int] = field(default_factory=dict)
+
+    def add(self, name: str, result: SelectResult) -> None:
+        self.tensors_merged += 1
+        self.elements_merged += result.numel
+        self.elements_taken += result.taken
+        self.taken_by_key[name] = result.taken
+
+
+def check_keys(sd1: Mapping[str, object], sd2: Mapping[str, object]) -> None:
+    """KeyMismatchError naming the keys that only one model has."""
+    only1 = [k for k in sd1 if k not in sd2]
+    only2 = [k for k in sd2 if k not in sd1]
+    if only1 or only2:
+        def show(keys: list[str]) -> str:
+            return ", ".join(repr(k) for k in keys[:5]) + (" ..." if len(keys) > 5 else "")
+        parts = []
+        if only1:
+            parts.append(f"{len(only1)} key(s) only in model 1 (base): {show(only1)}")
+        if only2:
+            parts.append(f"{len(only2)} key(s) only in model 2 (other): {show(only2)}")
+        raise KeyMismatchError("state dicts differ: " + "; ".join(parts) +
+                               " (pass strict=False to carry model 1's extra keys over and "
+                               "ignore model 2's)")
+
+
+def merge_state_dicts(sd1: Mapping[str, torch.Tensor], sd2: Mapping[str, torch.Tensor],
+                      alpha: AlphaRule, *, include: Patterns = None, exclude: Patterns = None,
+                      strict: bool = True, inplace: bool = False, backend: str = "auto",
+                      precision: str = "exact",
+                      stats: MergeStats | None = None) -> dict[str, torch.Tensor]:
+    """Merge two state dicts by MoD (DESIGN.md 1.1), tensor by tensor.
+
+    Every floating-point tensor present in both dicts and selected by the name filters is
+    replaced by `mod_select(sd1[k], sd2[k], alpha_k)`; every other entry of sd1 is carried
+    over unchanged. The result has sd1's keys, order, shapes and dtypes.
+
+    Args:
+        sd1: the base model's state dict (model 1).
+        sd2: the other model's state dict (model 2).
+        alpha: a float in [0, 1]; or a mapping from name patterns to floats (first match
+            wins, e.g. `{"layers.0.": 0.8, "*": 0.9}`); or a function of the name returning
+            a float, or None to carry that tensor over unmerged.
+        include: patterns a name must match to be merged (e.g. "mlp", as the paper did).
+        exclude: patterns that keep a name out of the merge.
+        strict: raise KeyMismatchError if the dicts' keys differ; if False, model 1's extra
+            keys are carried over and model 2's are ignored.
+        inplace: overwrite sd1's tensors (the cheapest merge) and return sd1 itself.
+        backend, precision: as for `mod_select`.
+        stats: a MergeStats to fill with counts (tensors merged, elements taken).
+
+    Errors name the key and the model (see modkern.errors); nothing in sd1 is modified by a
+    merge that raises on a tensor's validation, except tensors already merged in place.
+    """
+    check_precision(precision)
+    if strict:
+        check_keys(sd1, sd2)
+    keep = name_filter(include, exclude)
+    plan = _plan(sd1, sd2, alpha, keep)
+    stats = stats if stats is not None else MergeStats()
+    result: dict[str, torch.Tensor] = sd1 if inplace else {}  # type: ignore[assignment]
+    done_storage: dict[int, str] = {}  # tied weights: merge a shared storage once in place
+    for name, t1 in sd1.items():
+        a = plan.get(name)
+        if a is None:
+            stats.tensors_carried += 1
+            if not inplace:
+                result[name] = t1
+            continue
+        t2 = sd2[name]
+        backend_k = resolve_backend(backend, t1, t2)
+        if inplace:
+            key = _storage_key(t1)
+            if key in done_storage:  # same storage as a tensor merged before (tied)
+                stats.tensors_carried += 1
+                continue
+            done_storage[key] = name
+            work = t1 if t1.is_contiguous() else t1.contiguous()
+            res = select_into(work, work, t2, a, precision=precision, backend=backend_k,
+                              name=name)
+            if work is not t1:
+                t1.copy_(work)
+        else:
+            out = torch.empty(t1.shape, dtype=t1.dtype, device=t1.device)
+            res = select_into(out, t1, t2, a, precision=precision, backend=backend_k,
+                              name=name)
+            result[name] = out
+        stats.add(name, res)
+    return result
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+
+
+def _plan(sd1: Mapping[str, torch.Tensor], sd2: Mapping[str, torch.Tensor],
+          alpha: AlphaRule, keep: Callable[[str], bool]) -> dict[str, float]:
+    """Validate every pair up front (so a bad key fails before any work) and return the
+    alpha of each tensor to merge."""
+    plan: dict[str, float] = {}
+    for name, t1 in sd1.items():
+        if name not in sd2 or not keep(name):
+            continue
+        if not isinstance(t1, torch.Tensor) or not t1.is_floating_point():
+            t2 = sd2[name]
+            if isinstance(t2, torch.Tensor) and isinstance(t1, torch.Tensor) and \
+                    t2.is_floating_point():
+                raise DTypeError(f"tensor {name!r}: model 1 (base) has dtype {t1.dtype} but "
+                                 f"model 2 (other) has {t2.dtype}; expected both floating "
+                                 "point or both not")
+            continue
+        check_pair(t1, sd2[name], name)
+        a = alpha_for(alpha, name)
+        if a is not None:
+            plan[name] = a
+    return plan
+

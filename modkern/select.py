@@ -1,0 +1,170 @@
+"""`mod_select` and `mod_select_`: the MoD weight select of one tensor pair, validated and
+dispatched to a backend.
+
+Both backends run the same two steps (see select_torch.py): a min/max pass over t1 that,
+out of place, also copies t1 into the output; then a patch pass that writes t2's elements
+where `t1 >= v`, v being the exact threshold of select_reference.select_threshold. The torch
+backend walks chunks in Python; the Triton backend runs one kernel per step.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+
+from . import select_torch
+from .backends import kernel_module, resolve_backend
+from .errors import AlphaError, DTypeError, NonFiniteError, ShapeMismatchError
+from .select_reference import PRECISIONS, select_threshold
+
+
+def check_alpha(alpha: float, where: str = "alpha") -> float:
+    """alpha as a Python float, or AlphaError if it is not a real number in [0, 1]."""
+    if isinstance(alpha, torch.Tensor) and alpha.numel() == 1:
+        alpha = alpha.item()
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise AlphaError(f"{where} must be a real number in [0, 1], got {alpha!r}")
+    alpha = float(alpha)
+    if math.isnan(alpha) or not 0.0 <= alpha <= 1.0:
+        raise AlphaError(f"{where} must lie in [0, 1], got {alpha!r}")
+    return alpha
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision
+
+
+def _describe(name: str | None) -> str:
+    return f"tensor {name!r}" if name else "tensor"
+
+
+def check_pair(t1: torch.Tensor, t2: torch.Tensor, name: str | None = None) -> None:
+    """Raise if t1 (model 1, the base) and t2 (model 2) cannot be merged."""
+    what = _describe(name)
+    for label, t in (("model 1 (base)", t1), ("model 2 (other)", t2)):
+        if not isinstance(t, torch.Tensor):
+            raise DTypeError(f"{what}: {label} is a {type(t).__name__}, expected a torch.Tensor")
+        if not t.is_floating_point():
+            raise DTypeError(f"{what}: {label} has dtype {t.dtype}, expected a floating-point "
+                             "tensor")
+    if t1.shape != t2.shape:
+        raise ShapeMismatchError(f"{what}: shapes differ: model 1 (base) has "
+                                 f"{list(t1.shape)}, model 2 (other) has {list(t2.shape)}")
+    if t1.device != t2.device:
+        raise ShapeMismatchError(f"{what}: devices differ: model 1 (base) is on {t1.device}, "
+                                 f"model 2 (other) on {t2.device}")
+
+
+@dataclass
+class SelectResult:
+    """What one select did: the number of elements of t2 it took."""
+
+    taken: int
+    numel: int
+
+
+class _TorchEngine:
+    minmax = staticmethod(select_torch.chunk_minmax)
+    patch = staticmethod(select_torch.patch_selected)
+
+
+def _engine(backend: str):
+    return _TorchEngine if backend == "torch" else kernel_module("mod_select")
+
+
+def select_into(dst: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor, alpha: float,
+                *, precision: str, backend: str, name: str | None = None) -> SelectResult:
+    """Write the select of (t1, t2) into `dst` (contiguous, t1's dtype and size; may be t1
+    itself for an in-place merge). Validates everything before writing into t1."""
+    engine = _engine(backend)
+    flat = dst.view(-1)
+    inplace = dst.data_ptr() == t1.data_ptr() and dst.numel() > 0
+    src = None if inplace else t1.contiguous().view(-1)
+    if backend == "triton" and not t2.is_contiguous():
+        t2 = t2.contiguous()  # the kernel reads t2 flat
+    if flat.numel() == 0:
+        return SelectResult(0, 0)
+    mins, maxs = engine.minmax(flat if inplace else src, copy_to=None if inplace else flat)
+    mn, mx = mins.min(), maxs.max()
+    if not bool(torch.isfinite(mn) & torch.isfinite(mx)):
+        bad = int(torch.nonzero(~torch.isfinite(t1.reshape(-1)))[0])
+        raise NonFiniteError(f"{_describe(name)}: model 1 (base) has a non-finite value "
+                             f"{t1.reshape(-1)[bad].item()} at flat index {bad}; expected "
+                             "finite weights")
+    v = select_threshold(mn, mx, alpha, precision)
+    if inplace:  # validate before the first write into the caller's tensor
+        _, bad = engine.patch(flat, t2, v, maxs, write=False)
+        _raise_if_bad_t2(bad, t2, name)
+    taken, bad = engine.patch(flat, t2, v, maxs, write=True)
+    _raise_if_bad_t2(bad, t2, name)
+    return SelectResult(taken, flat.numel())
+
+
+def _raise_if_bad_t2(bad: int, t2: torch.Tensor, name: str | None) -> None:
+    if bad >= 0:
+        value = select_torch.gather_flat(t2, torch.tensor([bad], device=t2.device)).item()
+        raise NonFiniteError(f"{_describe(name)}: model 2 (other) has a non-finite value "
+                             f"{value} at flat index {bad}, where the merge takes model 2's "
+                             "weight; expected finite weights")
+
+
+def mod_select(t1: torch.Tensor, t2: torch.Tensor, alpha: float, *, backend: str = "auto",
+               precision: str = "exact", out: torch.Tensor | None = None,
+               name: str | None = None) -> torch.Tensor:
+    """MoD select of one tensor pair (DESIGN.md 1.1): t1's element where its min-max
+    normalized value is below alpha, t2's element elsewhere.
+
+    Args:
+        t1: the base model's tensor (floating point, finite).
+        t2: the other model's tensor, same shape and device; only the elements that are
+            taken are read (and must be finite).
+        alpha: threshold in [0, 1]. 1 keeps t1 except at its maximum; 0 takes all of t2.
+        backend: "auto" (Triton for CUDA tensors, torch otherwise), "torch" or "triton".
+        precision: "exact" (float32 formula) or "reference" (the released code's arithmetic
+            in t1's own dtype, bit for bit).
+        out: optional tensor of t1's shape and dtype to write into.
+        name: the tensor's key, used in error messages.
+
+    Returns a tensor of t1's dtype and shape; t1 and t2 are not modified.
+    """
+    alpha, precision = check_alpha(alpha), check_precision(precision)
+    check_pair(t1, t2, name)
+    backend = resolve_backend(backend, t1, t2)
+    if out is not None:
+        if out.shape != t1.shape or out.dtype != t1.dtype or out.device != t1.device:
+            raise ShapeMismatchError(f"{_describe(name)}: out must have t1's shape, dtype and "
+                                     f"device ({list(t1.shape)}, {t1.dtype}, {t1.device}), got "
+                                     f"({list(out.shape)}, {out.dtype}, {out.device})")
+        if out.data_ptr() == t1.data_ptr() and out.numel() > 0:
+            return mod_select_(t1, t2, alpha, backend=backend, precision=precision, name=name)
+    usable = out is not None and out.is_contiguous() and out.data_ptr() != t2.data_ptr()
+    dst = out if usable else torch.empty(t1.shape, dtype=t1.dtype, device=t1.device)
+    select_into(dst, t1, t2, alpha, precision=precision, backend=backend, name=name)
+    if out is not None and dst is not out:
+        out.copy_(dst)
+        return out
+    return dst
+
+
+def mod_select_(t1: torch.Tensor, t2: torch.Tensor, alpha: float, *, backend: str = "auto",
+                precision: str = "exact", name: str | None = None) -> torch.Tensor:
+    """In-place MoD select: overwrite t1's elements that take t2's value, and return t1.
+
+    The cheapest merge: one read of t1 plus the few blocks that hold selected elements.
+    Everything is validated before t1 is touched, so on error t1 is unchanged.
+    Same arguments as `mod_select`."""
+    alpha, precision = check_alpha(alpha), check_precision(precision)
+    check_pair(t1, t2, name)
+    backend = resolve_backend(backend, t1, t2)
+    if t1.is_contiguous():
+        select_into(t1, t1, t2, alpha, precision=precision, backend=backend, name=name)
+        return t1
+    work = t1.contiguous()
+    select_into(work, work, t2, alpha, precision=precision, backend=backend, name=name)
+    t1.copy_(work)
+    return t1
