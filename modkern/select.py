@@ -18,7 +18,7 @@ import torch
 from . import select_torch
 from .backends import kernel_module, resolve_backend
 from .errors import AlphaError, DTypeError, NonFiniteError, ShapeMismatchError
-from .select_reference import PRECISIONS, select_threshold
+from .select_reference import PRECISIONS, alpha_tensor, normalized, select_threshold
 
 
 def check_alpha(alpha: float, where: str = "alpha") -> float:
@@ -69,7 +69,7 @@ class SelectResult:
 
 
 class _TorchEngine:
-    minmax = staticmethod(select_torch.chunk_minmax)
+    minmax = staticmethod(select_torch.minmax)
     patch = staticmethod(select_torch.patch_selected)
 
 
@@ -96,11 +96,20 @@ def select_into(dst: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor, alpha: fl
         raise NonFiniteError(f"{_describe(name)}: model 1 (base) has a non-finite value "
                              f"{t1.reshape(-1)[bad].item()} at flat index {bad}; expected "
                              "finite weights")
-    v = select_threshold(mn, mx, alpha, precision)
+    if backend == "torch" and flat.numel() <= select_torch.DIRECT_MAX:
+        keep = normalized(flat, mn, mx, precision) < alpha_tensor(alpha, flat.dtype, precision)
+        take = torch.nonzero(~keep).flatten()
+
+        def patch(write: bool) -> tuple[int, int]:
+            return select_torch.patch_indices(flat, t2, take, write)
+    else:
+        v = select_threshold(mn, mx, alpha, precision)
+
+        def patch(write: bool) -> tuple[int, int]:
+            return engine.patch(flat, t2, v, maxs, write=write)
     if inplace:  # validate before the first write into the caller's tensor
-        _, bad = engine.patch(flat, t2, v, maxs, write=False)
-        _raise_if_bad_t2(bad, t2, name)
-    taken, bad = engine.patch(flat, t2, v, maxs, write=True)
+        _raise_if_bad_t2(patch(False)[1], t2, name)
+    taken, bad = patch(True)
     _raise_if_bad_t2(bad, t2, name)
     return SelectResult(taken, flat.numel())
 

@@ -86,6 +86,21 @@ def _from_ordered(o: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return bits.to(_INT_OF[size]).view(dtype)
 
 
+def _narrow_to_estimate(lo, hi, mn, mx, a, takes_t2, reach: int = 16):
+    """Shrink [lo, hi] to a few values around the float64 estimate mn + a * (mx - mn),
+    where the bracket provably holds the answer (takes_t2 false just below it, true at its
+    top); elsewhere keep [lo, hi]. The search stays exact, and usually takes 5 steps, not
+    one per bit."""
+    dtype = mn.dtype
+    estimate = mn.double() + a.double() * (mx.double() - mn.double())
+    guess = _to_ordered(estimate.to(dtype))
+    low = torch.maximum(torch.minimum(guess - reach, hi), lo)
+    high = torch.minimum(torch.maximum(guess + reach, lo), hi)
+    holds = takes_t2(_from_ordered(high, dtype)) & (
+        (low == lo) | ~takes_t2(_from_ordered(low - 1, dtype)))
+    return torch.where(holds, low, lo), torch.where(holds, high, hi)
+
+
 def select_threshold(mn: torch.Tensor, mx: torch.Tensor, alpha: float | torch.Tensor,
                      precision: str = "exact") -> torch.Tensor:
     """The value v of t1's dtype with `norm(x) < alpha  <=>  x < v` for every x in [mn, mx].
@@ -105,12 +120,12 @@ def select_threshold(mn: torch.Tensor, mx: torch.Tensor, alpha: float | torch.Te
     lo, hi = torch.broadcast_tensors(lo, hi)
     # Invariant: the answer lies in [lo, hi]; takes_t2(mx) holds whenever mx > mn and
     # alpha <= 1 (norm(mx) is exactly 1), so hi starts as a valid answer.
-    for _ in range(mn.element_size() * 8 + 1):
+    lo, hi = _narrow_to_estimate(lo, hi, mn, mx, a, takes_t2)
+    while bool((lo < hi).any()):  # at most one step per bit of the dtype
         mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without overflow
         go_low = takes_t2(_from_ordered(mid, dtype))
         hi = torch.where(go_low, mid, hi)
-        lo = torch.where(go_low, lo, mid + 1)
-        lo = torch.minimum(lo, hi)
+        lo = torch.where(go_low, lo, torch.minimum(mid + 1, hi))
     v = _from_ordered(hi, dtype)
     # Constant tensors: norm is 0 everywhere, so everything is kept unless alpha <= 0.
     constant = mn == mx

@@ -31,9 +31,15 @@ def device() -> str:
     return DEVICE
 
 
-@pytest.fixture(params=["torch", "triton"])
-def backend(request) -> str:
-    """Every backend, each checked against the reference."""
+@pytest.fixture(params=["torch", "torch-search", "triton"])
+def backend(request, monkeypatch) -> str:
+    """Every backend, each checked against the reference. "torch-search" is the torch
+    backend with its small-tensor shortcut off, so small test tensors take the threshold
+    search path that large tensors take."""
     if request.param == "triton" and not HAS_TRITON:
         pytest.skip("triton is not installed")
+    if request.param == "torch-search":
+        from modkern import select_torch
+        monkeypatch.setattr(select_torch, "DIRECT_MAX", 0)
+        return "torch"
     return request.param
