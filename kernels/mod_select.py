@@ -1,6 +1,6 @@
 """MoD weight select in Triton: the two passes of modkern.select, one kernel each.
 
-1. `_minmax_kernel`: each program takes one BLOCK of t1, writes that block's min and max
+1. `_minmax_kernel`: each program takes one block of t1, writes that block's min and max
    (NaN if the block holds a NaN) and, out of place, copies the block to the output.
    The global min/max is a tiny reduction of the per-block values; the per-block max also
    tells the second pass which blocks can hold an element that comes from t2.
@@ -9,8 +9,12 @@
    modkern/select_reference.py for why `t1 < v` is the exact formula), loads t2 only where
    selected, checks those values are finite and stores them.
 
-Offsets are 64-bit: tensors may exceed 2**31 elements. The engine interface (`minmax`,
-`patch`) matches modkern.select_torch's, so modkern.select drives both the same way.
+Both kernels also run SEGMENTED: many small tensors packed end to end in one buffer, a
+block table giving each program its block's start, end and tensor (segment), so a state
+dict's hundreds of norms and biases cost two launches, not two per tensor.
+
+Offsets are 64-bit: tensors may exceed 2**31 elements. `minmax` and `patch` match
+modkern.select_torch's engine interface, so modkern.select drives both the same way.
 """
 
 from __future__ import annotations
@@ -23,11 +27,25 @@ BLOCK = 4096
 
 
 @triton.jit
-def _minmax_kernel(src_ptr, dst_ptr, bmin_ptr, bmax_ptr, n,
-                   COPY: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _block_bounds(pid, n, start_ptr, end_ptr, SEGMENTED: tl.constexpr, BLOCK: tl.constexpr):
+    """The [start, end) range of elements program `pid` owns."""
+    if SEGMENTED:
+        start = tl.load(start_ptr + pid)
+        end = tl.load(end_ptr + pid)
+    else:
+        start = pid * BLOCK
+        end = n
+    return start, end
+
+
+@triton.jit
+def _minmax_kernel(src_ptr, dst_ptr, bmin_ptr, bmax_ptr, n, start_ptr, end_ptr,
+                   COPY: tl.constexpr, SEGMENTED: tl.constexpr, ACC: tl.constexpr,
+                   BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    inside = offs < n
+    start, end = _block_bounds(pid, n, start_ptr, end_ptr, SEGMENTED, BLOCK)
+    offs = start + tl.arange(0, BLOCK)
+    inside = offs < end
     x = tl.load(src_ptr + offs, mask=inside)
     if COPY:
         tl.store(dst_ptr + offs, x, mask=inside)
@@ -42,25 +60,30 @@ def _minmax_kernel(src_ptr, dst_ptr, bmin_ptr, bmax_ptr, n,
 
 @triton.jit
 def _patch_kernel(dst_ptr, t2_ptr, v_ptr, bmax_ptr, taken_ptr, bad_ptr, n,
-                  WRITE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+                  start_ptr, end_ptr, seg_ptr,
+                  WRITE: tl.constexpr, SEGMENTED: tl.constexpr, ACC: tl.constexpr,
+                  BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
-    v = tl.load(v_ptr).to(ACC)
+    seg = 0
+    if SEGMENTED:
+        seg = tl.load(seg_ptr + pid)
+    v = tl.load(v_ptr + seg).to(ACC)
     block_max = tl.load(bmax_ptr + pid).to(ACC)
     if block_max >= v:  # only blocks that hold an element to take are read again
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-        inside = offs < n
+        start, end = _block_bounds(pid, n, start_ptr, end_ptr, SEGMENTED, BLOCK)
+        offs = start + tl.arange(0, BLOCK)
+        inside = offs < end
         x = tl.load(dst_ptr + offs, mask=inside, other=0.0)
         take = inside & (x.to(ACC) >= v)
         y = tl.load(t2_ptr + offs, mask=take, other=0.0).to(dst_ptr.dtype.element_ty)
         yf = y.to(tl.float32)
         finite = (yf == yf) & (tl.abs(yf) != float("inf"))
-        bad = take & ~finite
-        first_bad = tl.min(tl.where(bad, offs, n), axis=0)
+        first_bad = tl.min(tl.where(take & ~finite, offs, n), axis=0)
         if first_bad < n:
             tl.atomic_min(bad_ptr, first_bad)
         if WRITE:
             tl.store(dst_ptr + offs, y, mask=take & finite)
-        tl.atomic_add(taken_ptr, tl.sum(take.to(tl.int64), axis=0))
+        tl.atomic_add(taken_ptr + seg, tl.sum(take.to(tl.int64), axis=0))
 
 
 def _acc(dtype: torch.dtype):
@@ -69,31 +92,63 @@ def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def minmax(src: torch.Tensor, copy_to: torch.Tensor | None = None
-           ) -> tuple[torch.Tensor, torch.Tensor]:
+class BlockTable:
+    """Blocks over segments packed end to end: block b covers [start[b], end[b]) of the
+    packed buffer and belongs to segment seg[b]. Built on the host from the sizes alone."""
+
+    def __init__(self, sizes: list[int], device: torch.device):
+        starts, ends, segs = [], [], []
+        offset = 0
+        for k, size in enumerate(sizes):
+            for s in range(offset, offset + size, BLOCK):
+                starts.append(s)
+                ends.append(offset + size)
+                segs.append(k)
+            offset += size
+        self.offsets = [sum(sizes[:k]) for k in range(len(sizes) + 1)]
+        table = torch.tensor([starts, ends, segs], dtype=torch.int64)
+        self.start, self.end, self.seg = table.to(device).unbind(0)
+        self.blocks = len(starts)
+        self.segments = len(sizes)
+
+
+def _launch_args(n: int, table: BlockTable | None, device: torch.device):
+    if table is None:
+        dummy = torch.empty(1, dtype=torch.int64, device=device)
+        return triton.cdiv(n, BLOCK), (dummy, dummy, dummy)
+    return table.blocks, (table.start, table.end, table.seg)
+
+
+def minmax(src: torch.Tensor, copy_to: torch.Tensor | None = None,
+           table: BlockTable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-block (min, max) of the contiguous 1-D `src`, in src's dtype (exact: they are
     elements of src), copying src to `copy_to` on the way when given."""
     n = src.numel()
-    blocks = triton.cdiv(n, BLOCK)
+    blocks, (start, end, _) = _launch_args(n, table, src.device)
     bmin = torch.empty(blocks, dtype=src.dtype, device=src.device)
     bmax = torch.empty(blocks, dtype=src.dtype, device=src.device)
     _minmax_kernel[(blocks,)](src, copy_to if copy_to is not None else src, bmin, bmax, n,
-                              COPY=copy_to is not None, ACC=_acc(src.dtype), BLOCK=BLOCK)
+                              start, end, COPY=copy_to is not None,
+                              SEGMENTED=table is not None, ACC=_acc(src.dtype), BLOCK=BLOCK)
     return bmin, bmax
 
 
 def patch(dst: torch.Tensor, t2: torch.Tensor, v: torch.Tensor, block_max: torch.Tensor,
-          write: bool = True) -> tuple[int, int]:
+          write: bool = True, table: BlockTable | None = None
+          ) -> tuple[int | list[int], int]:
     """Write t2's elements into the contiguous 1-D `dst` wherever dst >= v (dst holds t1),
     visiting only blocks whose max reaches v. t2: contiguous, dst's size, any float dtype.
-    Returns (elements taken, flat index of the first non-finite selected t2 element or -1);
-    with a non-finite element nothing of it is stored, and the caller raises."""
+    With a `table`, v holds one threshold per segment and the count taken is a list, one
+    per segment. Returns (taken, flat index of the first non-finite selected t2 element
+    or -1); a non-finite element is never stored, and the caller raises."""
     n = dst.numel()
-    blocks = triton.cdiv(n, BLOCK)
-    taken = torch.zeros(1, dtype=torch.int64, device=dst.device)
-    bad = torch.full((1,), n, dtype=torch.int64, device=dst.device)
-    v = v.reshape(1).to(dst.dtype)
-    _patch_kernel[(blocks,)](dst, t2.reshape(-1), v, block_max, taken, bad, n,
-                             WRITE=write, ACC=_acc(dst.dtype), BLOCK=BLOCK)
-    taken_n, bad_at = torch.cat([taken, bad]).tolist()  # one device sync
-    return taken_n, (bad_at if bad_at < n else -1)
+    blocks, (start, end, seg) = _launch_args(n, table, dst.device)
+    segments = table.segments if table is not None else 1
+    counts = torch.zeros(segments + 1, dtype=torch.int64, device=dst.device)
+    counts[-1] = n  # the last slot collects the first bad index (atomic min)
+    v = v.reshape(-1).to(dst.dtype)
+    _patch_kernel[(blocks,)](dst, t2.reshape(-1), v, block_max, counts, counts[-1:], n,
+                             start, end, seg, WRITE=write, SEGMENTED=table is not None,
+                             ACC=_acc(dst.dtype), BLOCK=BLOCK)
+    *taken, bad_at = counts.tolist()  # one device sync
+    return (taken if table is not None else taken[0]), (bad_at if bad_at < n else -1)

@@ -9,6 +9,7 @@ released code merged).
 from __future__ import annotations
 
 import fnmatch
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -16,7 +17,12 @@ import torch
 
 from .backends import resolve_backend
 from .errors import AlphaError, DTypeError, KeyMismatchError
-from .select import SelectResult, check_alpha, check_pair, check_precision, select_into
+from .select import SelectResult, check_alpha, check_pair, check_precision, select_inplace, \
+    select_into, select_many_into
+
+# Tensors up to this many elements are packed together on the Triton backend (norms,
+# biases): one launch pair for all of them instead of one per tensor.
+BATCH_MAX = 1 << 16
 
 AlphaRule = float | Mapping[str, float] | Callable[[str], "float | None"]
 Patterns = str | Iterable[str] | None
@@ -129,38 +135,53 @@ def merge_state_dicts(sd1: Mapping[str, torch.Tensor], sd2: Mapping[str, torch.T
     check_precision(precision)
     if strict:
         check_keys(sd1, sd2)
-    keep = name_filter(include, exclude)
-    plan = _plan(sd1, sd2, alpha, keep)
+    plan = _plan(sd1, sd2, alpha, name_filter(include, exclude))
+    if inplace:
+        plan = _first_of_each_storage(sd1, plan)  # tied weights: merge shared storage once
     stats = stats if stats is not None else MergeStats()
-    result: dict[str, torch.Tensor] = sd1 if inplace else {}  # type: ignore[assignment]
-    done_storage: dict[int, str] = {}  # tied weights: merge a shared storage once in place
-    for name, t1 in sd1.items():
-        a = plan.get(name)
-        if a is None:
-            stats.tensors_carried += 1
-            if not inplace:
-                result[name] = t1
-            continue
-        t2 = sd2[name]
+    outputs: dict[str, torch.Tensor] = {}
+    batches: dict[tuple, list[str]] = defaultdict(list)
+    for name, a in plan.items():
+        t1, t2 = sd1[name], sd2[name]
         backend_k = resolve_backend(backend, t1, t2)
+        if backend_k == "triton" and 0 < t1.numel() <= BATCH_MAX:
+            batches[(t1.dtype, t1.device)].append(name)  # small: packed, launched together
+            continue
         if inplace:
-            key = _storage_key(t1)
-            if key in done_storage:  # same storage as a tensor merged before (tied)
-                stats.tensors_carried += 1
-                continue
-            done_storage[key] = name
-            work = t1 if t1.is_contiguous() else t1.contiguous()
-            res = select_into(work, work, t2, a, precision=precision, backend=backend_k,
-                              name=name)
-            if work is not t1:
-                t1.copy_(work)
+            stats.add(name, select_inplace(t1, t2, a, precision=precision, backend=backend_k,
+                                           name=name))
         else:
-            out = torch.empty(t1.shape, dtype=t1.dtype, device=t1.device)
-            res = select_into(out, t1, t2, a, precision=precision, backend=backend_k,
-                              name=name)
-            result[name] = out
-        stats.add(name, res)
-    return result
+            outputs[name] = torch.empty(t1.shape, dtype=t1.dtype, device=t1.device)
+            stats.add(name, select_into(outputs[name], t1, t2, a, precision=precision,
+                                        backend=backend_k, name=name))
+    for names in batches.values():
+        t1s = [sd1[n] for n in names]
+        outs = t1s if inplace else [torch.empty_like(t, memory_format=torch.contiguous_format)
+                                    for t in t1s]
+        results = select_many_into(outs, t1s, [sd2[n] for n in names],
+                                   [plan[n] for n in names], precision=precision, names=names)
+        for name, out, res in zip(names, outs, results):
+            outputs[name] = out
+            stats.add(name, res)
+    stats.tensors_carried = len(sd1) - stats.tensors_merged
+    if inplace:
+        return sd1  # type: ignore[return-value]
+    return {name: outputs.get(name, t1) for name, t1 in sd1.items()}
+
+
+def _first_of_each_storage(sd1: Mapping[str, torch.Tensor],
+                           plan: dict[str, float]) -> dict[str, float]:
+    """The plan without tensors that are views of a storage merged before (tied weights
+    such as embed_tokens and lm_head): merging those in place a second time would apply
+    the select to already merged values."""
+    seen: set[tuple] = set()
+    kept = {}
+    for name, a in plan.items():
+        key = _storage_key(sd1[name])
+        if key not in seen:
+            seen.add(key)
+            kept[name] = a
+    return kept
 
 
 def _storage_key(t: torch.Tensor) -> tuple:

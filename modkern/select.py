@@ -9,6 +9,7 @@ backend walks chunks in Python; the Triton backend runs one kernel per step.
 
 from __future__ import annotations
 
+import bisect
 import math
 import numbers
 from dataclasses import dataclass
@@ -115,6 +116,7 @@ def select_into(dst: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor, alpha: fl
 
 
 def _raise_if_bad_t2(bad: int, t2: torch.Tensor, name: str | None) -> None:
+    """NonFiniteError for t2's element at flat index `bad` (nothing when bad < 0)."""
     if bad >= 0:
         value = select_torch.gather_flat(t2, torch.tensor([bad], device=t2.device)).item()
         raise NonFiniteError(f"{_describe(name)}: model 2 (other) has a non-finite value "
@@ -169,11 +171,54 @@ def mod_select_(t1: torch.Tensor, t2: torch.Tensor, alpha: float, *, backend: st
     Same arguments as `mod_select`."""
     alpha, precision = check_alpha(alpha), check_precision(precision)
     check_pair(t1, t2, name)
-    backend = resolve_backend(backend, t1, t2)
-    if t1.is_contiguous():
-        select_into(t1, t1, t2, alpha, precision=precision, backend=backend, name=name)
-        return t1
-    work = t1.contiguous()
-    select_into(work, work, t2, alpha, precision=precision, backend=backend, name=name)
-    t1.copy_(work)
+    select_inplace(t1, t2, alpha, precision=precision,
+                   backend=resolve_backend(backend, t1, t2), name=name)
     return t1
+
+
+def select_inplace(t1: torch.Tensor, t2: torch.Tensor, alpha: float, *, precision: str,
+                   backend: str, name: str | None = None) -> SelectResult:
+    """`select_into` t1 itself; a strided t1 is merged in a contiguous copy, then copied
+    back (only after every check passed)."""
+    if t1.is_contiguous():
+        return select_into(t1, t1, t2, alpha, precision=precision, backend=backend, name=name)
+    work = t1.contiguous()
+    result = select_into(work, work, t2, alpha, precision=precision, backend=backend,
+                         name=name)
+    t1.copy_(work)
+    return result
+
+
+def select_many_into(outs: list[torch.Tensor], t1s: list[torch.Tensor],
+                     t2s: list[torch.Tensor], alphas: list[float], *, precision: str,
+                     names: list[str]) -> list[SelectResult]:
+    """The select of many small tensor pairs of one dtype and device, on the Triton
+    backend, in two kernel launches: the tensors are packed end to end and a block table
+    tells each program which tensor it works on. Results go to `outs` (which may be the
+    t1s themselves, for an in-place merge: they are written only after every check
+    passed). Pairs must have been checked with `check_pair`."""
+    ks = kernel_module("mod_select")
+    dtype, device = t1s[0].dtype, t1s[0].device
+    sizes = [t.numel() for t in t1s]
+    table = ks.BlockTable(sizes, device)
+    src = torch.cat([t.reshape(-1) for t in t1s])
+    other = torch.cat([t.reshape(-1).to(dtype) for t in t2s])
+    packed = torch.empty_like(src)
+    bmin, bmax = ks.minmax(src, copy_to=packed, table=table)
+    finite = torch.isfinite(bmin) & torch.isfinite(bmax)
+    if not bool(finite.all()):
+        k = int(table.seg[~finite][0])
+        select_into(torch.empty_like(t1s[k]), t1s[k], t2s[k], alphas[k], precision=precision,
+                    backend="torch", name=names[k])  # raises, naming the value and index
+    inf = torch.full((len(sizes),), float("inf"), dtype=dtype, device=device)
+    mn = inf.scatter_reduce(0, table.seg, bmin, "amin")
+    mx = (-inf).scatter_reduce(0, table.seg, bmax, "amax")
+    alpha = torch.tensor(alphas, dtype=torch.float64, device=device)
+    v = select_threshold(mn, mx, alpha, precision)
+    taken, bad = ks.patch(packed, other, v, bmax, write=True, table=table)
+    if bad >= 0:
+        k = bisect.bisect_right(table.offsets, bad) - 1
+        _raise_if_bad_t2(bad - table.offsets[k], t2s[k], names[k])
+    pieces = [p.view(t.shape) for p, t in zip(packed.split(sizes), t1s)]
+    torch._foreach_copy_(outs, pieces)  # one fused launch on CUDA
+    return [SelectResult(n_taken, size) for n_taken, size in zip(taken, sizes)]
