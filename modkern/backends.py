@@ -23,7 +23,10 @@ BACKENDS = ("auto", "torch", "triton")
 
 def triton_available() -> bool:
     """True when triton can be imported (it is optional)."""
-    return importlib.util.find_spec("triton") is not None
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # e.g. sys.modules["triton"] = None (blocked)
+        return False
 
 
 def interpreter_enabled() -> bool:
