@@ -134,13 +134,23 @@ def minmax(src: torch.Tensor, copy_to: torch.Tensor | None = None,
 
 
 def patch(dst: torch.Tensor, t2: torch.Tensor, v: torch.Tensor, block_max: torch.Tensor,
-          write: bool = True, table: BlockTable | None = None
+          atomic: bool = False, table: BlockTable | None = None
           ) -> tuple[int | list[int], int]:
     """Write t2's elements into the contiguous 1-D `dst` wherever dst >= v (dst holds t1),
     visiting only blocks whose max reaches v. t2: contiguous, dst's size, any float dtype.
-    With a `table`, v holds one threshold per segment and the count taken is a list, one
-    per segment. Returns (taken, flat index of the first non-finite selected t2 element
-    or -1); a non-finite element is never stored, and the caller raises."""
+    A non-finite selected t2 element is never stored (the caller raises); with `atomic`
+    (in-place merges into the caller's t1) a first launch only checks, so that then
+    nothing at all is written. With a `table`, v holds one threshold per segment and the
+    count taken is a list, one per segment. Returns (taken, flat index of the first
+    non-finite selected t2 element or -1)."""
+    if atomic:
+        _, bad = _patch(dst, t2, v, block_max, False, table)
+        if bad >= 0:
+            return 0, bad
+    return _patch(dst, t2, v, block_max, True, table)
+
+
+def _patch(dst, t2, v, block_max, write: bool, table: BlockTable | None):
     n = dst.numel()
     blocks, (start, end, seg) = _launch_args(n, table, dst.device)
     segments = table.segments if table is not None else 1

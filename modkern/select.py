@@ -100,17 +100,10 @@ def select_into(dst: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor, alpha: fl
     if backend == "torch" and flat.numel() <= select_torch.DIRECT_MAX:
         keep = normalized(flat, mn, mx, precision) < alpha_tensor(alpha, flat.dtype, precision)
         take = torch.nonzero(~keep).flatten()
-
-        def patch(write: bool) -> tuple[int, int]:
-            return select_torch.patch_indices(flat, t2, take, write)
+        taken, bad = select_torch.patch_indices(flat, t2, take)  # checks before writing
     else:
         v = select_threshold(mn, mx, alpha, precision)
-
-        def patch(write: bool) -> tuple[int, int]:
-            return engine.patch(flat, t2, v, maxs, write=write)
-    if inplace:  # validate before the first write into the caller's tensor
-        _raise_if_bad_t2(patch(False)[1], t2, name)
-    taken, bad = patch(True)
+        taken, bad = engine.patch(flat, t2, v, maxs, atomic=inplace)
     _raise_if_bad_t2(bad, t2, name)
     return SelectResult(taken, flat.numel())
 
@@ -215,7 +208,7 @@ def select_many_into(outs: list[torch.Tensor], t1s: list[torch.Tensor],
     mx = (-inf).scatter_reduce(0, table.seg, bmax, "amax")
     alpha = torch.tensor(alphas, dtype=torch.float64, device=device)
     v = select_threshold(mn, mx, alpha, precision)
-    taken, bad = ks.patch(packed, other, v, bmax, write=True, table=table)
+    taken, bad = ks.patch(packed, other, v, bmax, table=table)
     if bad >= 0:
         k = bisect.bisect_right(table.offsets, bad) - 1
         _raise_if_bad_t2(bad - table.offsets[k], t2s[k], names[k])

@@ -57,19 +57,25 @@ def hot_blocks(flat: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 def patch_selected(dst: torch.Tensor, t2: torch.Tensor, v: torch.Tensor,
                    block_max: torch.Tensor | None = None,
-                   write: bool = True) -> tuple[int, int]:
+                   atomic: bool = False) -> tuple[int, int]:
     """Overwrite, in the contiguous 1-D `dst` (holding t1's values), every element >= v with
     t2's element at the same flat index, reading only the blocks that hold one.
 
     t2 may be any tensor with dst's number of elements (strided, another dtype): it is only
-    gathered at the selected indices. `write=False` only scans (to validate before an
-    in-place merge touches t1); `block_max` is unused here (the Triton engine's
-    interface). Returns (elements taken, flat index of the first non-finite selected t2
-    element or -1), stopping at that element."""
+    gathered at the selected indices. A non-finite selected t2 element stops the patch;
+    with `atomic` (for in-place merges into the caller's t1) nothing at all is written
+    then. `block_max` is unused here (the Triton engine's interface). Returns (elements
+    taken, flat index of the first non-finite selected t2 element or -1)."""
     v = v.reshape(1).to(dst.dtype)
+    groups = hot_blocks(dst, v).split(HOT_GROUP)  # bounds memory when much is taken
+    if atomic and len(groups) > 1:  # one group is checked before it is written anyway
+        for group in groups:
+            _, bad = patch_indices(dst, t2, selected_in_blocks(dst, v, group), write=False)
+            if bad >= 0:
+                return 0, bad
     taken = 0
-    for group in hot_blocks(dst, v).split(HOT_GROUP):  # bounds memory when much is taken
-        n, bad = patch_indices(dst, t2, selected_in_blocks(dst, v, group), write)
+    for group in groups:
+        n, bad = patch_indices(dst, t2, selected_in_blocks(dst, v, group))
         taken += n
         if bad >= 0:
             return taken, bad
@@ -79,7 +85,7 @@ def patch_selected(dst: torch.Tensor, t2: torch.Tensor, v: torch.Tensor,
 def patch_indices(dst: torch.Tensor, t2: torch.Tensor, idx: torch.Tensor,
                   write: bool = True) -> tuple[int, int]:
     """Copy t2's elements at the flat indices `idx` into the 1-D `dst` (if `write`), after
-    checking they are finite. Returns (elements taken, first non-finite index or -1); with a
+    checking they all are finite. Returns (elements taken, first non-finite index or -1); with a
     non-finite element nothing is written."""
     vals = gather_flat(t2, idx).to(dst.dtype)
     finite = torch.isfinite(vals)
