@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 from .errors import (AlphaError, BackendError, CheckpointError, DTypeError, KeyMismatchError,
-                     ModkernError, NonFiniteError, ShapeMismatchError)
+                     ModkernError, NonFiniteError, OptionError, ShapeMismatchError)
 
 # public name -> module that defines it
 _LAZY = {
@@ -49,4 +49,4 @@ def __dir__() -> list[str]:
 
 __all__ = ["__version__", *_LAZY, "ModkernError", "AlphaError", "BackendError",
            "CheckpointError", "DTypeError", "KeyMismatchError", "NonFiniteError",
-           "ShapeMismatchError"]
+           "OptionError", "ShapeMismatchError"]

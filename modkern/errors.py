@@ -5,6 +5,10 @@ class ModkernError(Exception):
     """Base class of every error modkern raises on bad input."""
 
 
+class OptionError(ModkernError, ValueError):
+    """An option given a value outside its choices (e.g. precision="fast")."""
+
+
 class AlphaError(ModkernError, ValueError):
     """An alpha outside [0, 1], or of the wrong kind."""
 

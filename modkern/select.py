@@ -4,7 +4,7 @@ dispatched to a backend.
 Both backends run the same two steps (see select_torch.py): a min/max pass over t1 that,
 out of place, also copies t1 into the output; then a patch pass that writes t2's elements
 where `t1 >= v`, v being the exact threshold of select_reference.select_threshold. The torch
-backend walks chunks in Python; the Triton backend runs one kernel per step.
+backend runs a few vectorized torch ops per step, the Triton backend one kernel.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 
 from . import select_torch
 from .backends import kernel_module, resolve_backend
-from .errors import AlphaError, DTypeError, NonFiniteError, ShapeMismatchError
+from .errors import AlphaError, DTypeError, NonFiniteError, OptionError, ShapeMismatchError
 from .select_reference import PRECISIONS, alpha_tensor, normalized, select_threshold
 
 
@@ -35,8 +35,9 @@ def check_alpha(alpha: float, where: str = "alpha") -> float:
 
 
 def check_precision(precision: str) -> str:
+    """precision itself, or OptionError if it is not one of PRECISIONS."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        raise OptionError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     return precision
 
 
