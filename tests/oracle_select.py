@@ -120,16 +120,20 @@ def takes_t2(x: np.ndarray, mn, mx, alpha: float, dtype: torch.dtype,
              precision: str = "exact") -> np.ndarray:
     """Where the formula takes t2's element, for values x of a tensor of `dtype` whose min
     and max are mn and mx (all given exactly, in the carrier dtype)."""
+    norm = normalized(x, mn, mx, dtype, precision)
+    return ~(norm < alpha_seen(alpha, dtype, precision))
+
+
+def normalized(x: np.ndarray, mn, mx, dtype: torch.dtype, precision: str = "exact"
+               ) -> np.ndarray:
+    """`(x - mn) / (mx - mn)` as the formula computes it (0 everywhere if mx == mn)."""
     cd = carrier(dtype)
     x, mn, mx = np.asarray(x, cd), cd(mn), cd(mx)
-    a = alpha_seen(alpha, dtype, precision)
     if mx == mn:
-        norm = np.zeros_like(x)
-    else:
-        rnd = (lambda v: v) if precision == "exact" else (lambda v: round_to(v, dtype))
-        with np.errstate(over="ignore", invalid="ignore"):
-            norm = rnd(rnd(x - mn) / rnd(mx - mn))
-    return ~(norm < a)
+        return np.zeros_like(x)
+    rnd = (lambda v: v) if precision == "exact" else (lambda v: round_to(v, dtype))
+    with np.errstate(over="ignore", invalid="ignore"):
+        return rnd(rnd(x - mn) / rnd(mx - mn))
 
 
 def take_mask(t1: torch.Tensor, alpha: float, precision: str = "exact") -> np.ndarray:
