@@ -19,40 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .convert import convert_like_torch, narrow, widen
+
 BLOCK = 4096
-
-
-# Conversions are written out rather than left to `.to()`: Triton's CPU interpreter (which CI
-# runs these kernels under) turns bf16 subnormals into other numbers both ways, truncates
-# float32 -> bf16 instead of rounding, and casts float64 -> bf16 to garbage. The bit
-# arithmetic below is what a GPU does anyway, and it matches torch's `.to()` everywhere.
-
-@triton.jit
-def _widen(x, ACC: tl.constexpr):
-    """x (any float dtype) as ACC (float32, or float64), exactly when x is narrower."""
-    if x.dtype == tl.bfloat16:  # bf16 is the top half of a float32
-        x = (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-    return x.to(ACC)
-
-
-@triton.jit
-def _narrow(y, DST: tl.constexpr):
-    """float32 (float64 for a float64 DST) y rounded to DST, to nearest, ties to even."""
-    if DST == tl.bfloat16:
-        bits = y.to(tl.uint32, bitcast=True)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        rounded = tl.where(y != y, 0x7FC0, rounded)  # a NaN stays a NaN
-        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    return y.to(DST)
-
-
-@triton.jit
-def _convert(y, DST: tl.constexpr):
-    """y of any float dtype -> DST as torch's `.to()` does: through float32 unless DST is
-    float64 (so float64 -> bf16/fp16 rounds twice, as torch does)."""
-    if DST == tl.float64:
-        return _widen(y, tl.float64)
-    return _narrow(_widen(y, tl.float32), DST)
 
 
 @triton.jit
@@ -64,29 +33,29 @@ def _minmax_kernel(src_ptr, dst_ptr, bmin_ptr, bmax_ptr, n,
     x = tl.load(src_ptr + offs, mask=inside)
     if COPY:
         tl.store(dst_ptr + offs, x, mask=inside)
-    xf = _widen(x, ACC)
+    xf = widen(x, ACC)
     lo = tl.min(tl.where(inside, xf, float("inf")), axis=0)
     hi = tl.max(tl.where(inside, xf, float("-inf")), axis=0)
     # tl.min/tl.max may drop NaNs: make a NaN visible to the host's finiteness check.
     has_nan = tl.sum((inside & (xf != xf)).to(tl.int32), axis=0) > 0
     dtype = bmin_ptr.dtype.element_ty
-    tl.store(bmin_ptr + pid, _narrow(tl.where(has_nan, float("nan"), lo), dtype))
-    tl.store(bmax_ptr + pid, _narrow(tl.where(has_nan, float("nan"), hi), dtype))
+    tl.store(bmin_ptr + pid, narrow(tl.where(has_nan, float("nan"), lo), dtype))
+    tl.store(bmax_ptr + pid, narrow(tl.where(has_nan, float("nan"), hi), dtype))
 
 
 @triton.jit
 def _patch_kernel(dst_ptr, t2_ptr, v_ptr, bmax_ptr, taken_ptr, bad_ptr, n,
                   WRITE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
-    v = _widen(tl.load(v_ptr), ACC)
-    block_max = _widen(tl.load(bmax_ptr + pid), ACC)
+    v = widen(tl.load(v_ptr), ACC)
+    block_max = widen(tl.load(bmax_ptr + pid), ACC)
     if block_max >= v:  # only blocks that hold an element to take are read again
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         inside = offs < n
         x = tl.load(dst_ptr + offs, mask=inside, other=0.0)
-        take = inside & (_widen(x, ACC) >= v)
-        y = _convert(tl.load(t2_ptr + offs, mask=take, other=0.0), dst_ptr.dtype.element_ty)
-        yf = _widen(y, ACC)  # ACC: a float64 y may be finite beyond float32's range
+        take = inside & (widen(x, ACC) >= v)
+        y = convert_like_torch(tl.load(t2_ptr + offs, mask=take, other=0.0), dst_ptr.dtype.element_ty)
+        yf = widen(y, ACC)  # ACC: a float64 y may be finite beyond float32's range
         finite = (yf == yf) & (tl.abs(yf) != float("inf"))
         bad = take & ~finite
         first_bad = tl.min(tl.where(bad, offs, n), axis=0)
