@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .convert import convert_like_torch, narrow, widen
+
 BLOCK = 4096
 
 
@@ -49,13 +51,14 @@ def _minmax_kernel(src_ptr, dst_ptr, bmin_ptr, bmax_ptr, n, start_ptr, end_ptr,
     x = tl.load(src_ptr + offs, mask=inside)
     if COPY:
         tl.store(dst_ptr + offs, x, mask=inside)
-    xf = x.to(ACC)
+    xf = widen(x, ACC)
     lo = tl.min(tl.where(inside, xf, float("inf")), axis=0)
     hi = tl.max(tl.where(inside, xf, float("-inf")), axis=0)
     # tl.min/tl.max may drop NaNs: make a NaN visible to the host's finiteness check.
     has_nan = tl.sum((inside & (xf != xf)).to(tl.int32), axis=0) > 0
-    tl.store(bmin_ptr + pid, tl.where(has_nan, float("nan"), lo))
-    tl.store(bmax_ptr + pid, tl.where(has_nan, float("nan"), hi))
+    dtype = bmin_ptr.dtype.element_ty
+    tl.store(bmin_ptr + pid, narrow(tl.where(has_nan, float("nan"), lo), dtype))
+    tl.store(bmax_ptr + pid, narrow(tl.where(has_nan, float("nan"), hi), dtype))
 
 
 @triton.jit
@@ -67,16 +70,17 @@ def _patch_kernel(dst_ptr, t2_ptr, v_ptr, bmax_ptr, taken_ptr, bad_ptr, n,
     seg = 0
     if SEGMENTED:
         seg = tl.load(seg_ptr + pid)
-    v = tl.load(v_ptr + seg).to(ACC)
-    block_max = tl.load(bmax_ptr + pid).to(ACC)
+    v = widen(tl.load(v_ptr + seg), ACC)
+    block_max = widen(tl.load(bmax_ptr + pid), ACC)
     if block_max >= v:  # only blocks that hold an element to take are read again
         start, end = _block_bounds(pid, n, start_ptr, end_ptr, SEGMENTED, BLOCK)
         offs = start + tl.arange(0, BLOCK)
         inside = offs < end
         x = tl.load(dst_ptr + offs, mask=inside, other=0.0)
-        take = inside & (x.to(ACC) >= v)
-        y = tl.load(t2_ptr + offs, mask=take, other=0.0).to(dst_ptr.dtype.element_ty)
-        yf = y.to(tl.float32)
+        take = inside & (widen(x, ACC) >= v)
+        y = convert_like_torch(tl.load(t2_ptr + offs, mask=take, other=0.0),
+                               dst_ptr.dtype.element_ty)
+        yf = widen(y, ACC)  # ACC: a float64 y may be finite beyond float32's range
         finite = (yf == yf) & (tl.abs(yf) != float("inf"))
         first_bad = tl.min(tl.where(take & ~finite, offs, n), axis=0)
         if first_bad < n:
