@@ -34,14 +34,14 @@ LAYERS = 3
 EDGE = 0.8984375
 
 
-def _save_model(path: Path, seed: int, edit=None) -> None:
+def _save_model(path: Path, seed: int, edit=None, tied: bool = False) -> None:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     config = Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=48,
                          num_hidden_layers=LAYERS, num_attention_heads=4,
                          num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=False)
+                         tie_word_embeddings=tied)
     Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
     if edit is not None:
         weights = path / "model.safetensors"
@@ -150,6 +150,18 @@ def test_precision_parameter(tmp_path, models, precision):
     expected = sd1["model.norm.weight"][5] if precision == "exact" else \
         sd2["model.norm.weight"][5]
     assert torch.equal(picked, expected)
+
+
+def test_tied_embeddings(tmp_path, models):
+    """Tied models store no lm_head: the output has none either, like merge_state_dicts."""
+    a, b = tmp_path / "ta", tmp_path / "tb"
+    _save_model(a, seed=3, tied=True)
+    _save_model(b, seed=4, tied=True)
+    assert "lm_head.weight" not in _load(a)
+    config = _config(tmp_path, (a, b), "  alpha: [0.9, 0.8]\n")
+    assert _run_inprocess([str(config), str(tmp_path / "out")]) == 0
+    _assert_same(_load(tmp_path / "out"),
+                 modkern.merge_state_dicts(_load(a), _load(b), _layer_alpha(0.9, 0.8)))
 
 
 def test_filtered_alpha_and_keep_base_match_include(tmp_path, models):
