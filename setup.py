@@ -21,7 +21,7 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["modkern", "modkern.commands", "modkern.kernels"],
+    packages=["modkern", "modkern.commands", "modkern.integrations", "modkern.kernels"],
     package_dir={"modkern": "modkern", "modkern.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
@@ -35,7 +35,13 @@ setup(
         "test": TEST,
         "bench": BENCH,
         "demo": ["matplotlib>=3.7"],
+        # MoD as a mergekit merge method (modkern.integrations.mergekit); 0.1.5 is the
+        # release tested (its merge-method API changes between releases)
+        "mergekit": ["mergekit==0.1.5"],
         "dev": sorted(set(TEST + BENCH + ["matplotlib>=3.7"])),
     },
-    entry_points={"console_scripts": ["modkern=modkern.cli:main"]},
+    entry_points={"console_scripts": [
+        "modkern=modkern.cli:main",
+        "modkern-mergekit-yaml=modkern.integrations.mergekit:main",
+    ]},
 )
