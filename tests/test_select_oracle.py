@@ -150,17 +150,19 @@ def test_sizes_around_the_block(n, dtype, backend, device):
         run_all_modes(t1, t2, alpha, precision, backend, f"n={n} alpha={alpha}")
 
 
-def test_sizes_around_the_torch_chunk():
-    from modkern import select_torch
-    chunk = select_torch.CHUNK
-    rng = np.random.default_rng(3)
-    n = 2 * chunk + 5
+@pytest.mark.parametrize("n", [2**14 + 1, 2**19 + 5, 2**20 + 5])
+def test_large_sizes_torch(n):
+    # sizes past the torch path's internal boundaries (small-tensor shortcut, chunks, groups
+    # of hot blocks); a top value in every 4096-block makes every block hold a selected
+    # element, plus maxima at chunk ends
+    rng = np.random.default_rng(n)
     t1 = make_t1("normal", (n,), torch.float32, rng)
-    t1[chunk - 1] = 0.3  # the max at the end of the first chunk; the last chunk holds a tie
-    t1[n - 1] = 0.3
-    t1[chunk + 10] = 0.29
+    t1[::BLOCK] = 0.29
+    for i in (2**14 - 1, 2**18 - 1, n - 1):
+        if i < n:
+            t1[i] = 0.3
     t2 = make_t2((n,), torch.float32, rng)
-    for alpha in (0.99, 0.0):
+    for alpha in (0.99,) + ((0.9, 0.0) if n < 2**15 else ()):
         run_all_modes(t1, t2, alpha, "exact", "torch", f"n={n} alpha={alpha}")
 
 
