@@ -288,3 +288,28 @@ def test_reference_differs_from_exact_only_where_the_oracle_says(dtype):
         diff = (exact.view(torch.int16) != ref.view(torch.int16)).reshape(-1).numpy()
         np.testing.assert_array_equal(diff, diff_oracle)
     assert differing > 0  # the case is not vacuous
+
+
+def test_bf16_reference_rounds_the_subtraction_handworked(backend, device):
+    # mn = -1, mx = 3, span 4. x = 0.99609375 = 1 - 2**-8.
+    # exact: (x + 1) / 4 = 0.4990234375 < 0.5: t1 kept.
+    # bf16: x + 1 = 1.99609375 lies halfway between bf16 1.9921875 (odd) and 2.0 (even):
+    # ties to even give 2.0, 2.0 / 4 = 0.5, and 0.5 < 0.5 fails: t2 taken.
+    t1 = torch.tensor([-1.0, 0.99609375, 3.0], dtype=torch.bfloat16, device=device)
+    t2 = torch.full((3,), 7.0, dtype=torch.bfloat16, device=device)
+    for precision, expected in (("exact", [-1.0, 0.99609375, 7.0]),
+                                ("reference", [-1.0, 7.0, 7.0])):
+        assert values_of(oracle_select(t1, t2, 0.5, precision)).tolist() == expected
+        got = modkern.mod_select(t1, t2, 0.5, backend=backend, precision=precision)
+        assert values_of(got).tolist() == expected, precision
+
+
+def test_fp64_reference_keeps_alpha_in_float64_handworked(backend, device):
+    # float64 input: "exact" rounds alpha to float32 (0.1 -> 0.100000001490116...), the
+    # released code compares with the double 0.1. x = 0.1 normalizes to exactly 0.1.
+    t1 = torch.tensor([0.0, 0.1, 1.0], dtype=torch.float64, device=device)
+    t2 = torch.full((3,), 7.0, dtype=torch.float64, device=device)
+    exact = modkern.mod_select(t1, t2, 0.1, backend=backend, precision="exact")
+    ref = modkern.mod_select(t1, t2, 0.1, backend=backend, precision="reference")
+    assert exact.tolist() == [0.0, 0.1, 7.0]
+    assert ref.tolist() == [0.0, 7.0, 7.0]
