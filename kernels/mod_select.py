@@ -54,7 +54,8 @@ def _patch_kernel(dst_ptr, t2_ptr, v_ptr, bmax_ptr, taken_ptr, bad_ptr, n,
         inside = offs < n
         x = tl.load(dst_ptr + offs, mask=inside, other=0.0)
         take = inside & (widen(x, ACC) >= v)
-        y = convert_like_torch(tl.load(t2_ptr + offs, mask=take, other=0.0), dst_ptr.dtype.element_ty)
+        y = convert_like_torch(tl.load(t2_ptr + offs, mask=take, other=0.0),
+                               dst_ptr.dtype.element_ty)
         yf = widen(y, ACC)  # ACC: a float64 y may be finite beyond float32's range
         finite = (yf == yf) & (tl.abs(yf) != float("inf"))
         bad = take & ~finite
