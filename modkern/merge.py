@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .backends import resolve_backend
-from .errors import AlphaError, DTypeError, KeyMismatchError
+from .errors import AlphaError, DTypeError, KeyMismatchError, ModkernError
 from .select import SelectResult, check_alpha, check_pair, check_precision, select_inplace, \
     select_into, select_many_into
 
@@ -137,6 +137,7 @@ def merge_state_dicts(sd1: Mapping[str, torch.Tensor], sd2: Mapping[str, torch.T
         check_keys(sd1, sd2)
     plan = _plan(sd1, sd2, alpha, name_filter(include, exclude))
     if inplace:
+        check_shared_storage(sd1, sd2, plan)
         plan = _first_of_each_storage(sd1, plan)  # tied weights: merge shared storage once
     stats = stats if stats is not None else MergeStats()
     outputs: dict[str, torch.Tensor] = {}
@@ -182,6 +183,46 @@ def _first_of_each_storage(sd1: Mapping[str, torch.Tensor],
             seen.add(key)
             kept[name] = a
     return kept
+
+
+def check_shared_storage(sd1: Mapping[str, torch.Tensor], sd2: Mapping[str, torch.Tensor],
+                         plan: Mapping[str, float]) -> None:
+    """Before an in-place merge: sd1 tensors that share memory must be exactly tied (one
+    view, merged once) with one alpha and equal model-2 tensors, or the in-place result
+    could not equal the out-of-place one (a second view would be merged from values already
+    merged). Raise ModkernError naming both keys otherwise."""
+    first: dict[tuple, str] = {}
+    spans: dict[int, list[tuple[int, int, str]]] = {}
+    for name, a in plan.items():
+        t1 = sd1[name]
+        if t1.numel() == 0:
+            continue
+        key = _storage_key(t1)
+        if key in first:
+            other = first[key]
+            if plan[other] != a or not _same_values(sd2[other], sd2[name]):
+                raise ModkernError(
+                    f"tensors {other!r} and {name!r} share memory in model 1 (base) (tied "
+                    "weights) but model 2 (other) or their alpha differ, so they cannot be "
+                    "merged in place into one tensor; merge with inplace=False")
+            continue
+        first[key] = name
+        lo = t1.storage_offset() * t1.element_size()
+        hi = lo + (1 + sum((n - 1) * st for n, st in zip(t1.shape, t1.stride()))) \
+            * t1.element_size()
+        ptr = t1.untyped_storage().data_ptr()
+        for start, end, other in spans.get(ptr, []):
+            if lo < end and start < hi:
+                raise ModkernError(
+                    f"tensors {other!r} and {name!r} overlap in memory in model 1 (base) as "
+                    "different views; an in-place merge would merge the second from values "
+                    "already merged; merge with inplace=False")
+        spans.setdefault(ptr, []).append((lo, hi, name))
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or _storage_key(a) == _storage_key(b) or (
+        a.dtype == b.dtype and a.shape == b.shape and bool(torch.equal(a, b)))
 
 
 def _storage_key(t: torch.Tensor) -> tuple:

@@ -40,7 +40,7 @@ def bits_of(t: torch.Tensor) -> np.ndarray:
 
 def tensor_from_bits(bits: np.ndarray, dtype: torch.dtype, shape) -> torch.Tensor:
     """A CPU tensor of `dtype` and `shape` holding the given bit patterns."""
-    itype, utype = _BITS[torch.empty((), dtype=dtype).element_size()]
+    _, utype = _BITS[torch.empty((), dtype=dtype).element_size()]
     signed = np.dtype(utype).str.replace("u", "i")  # same width, signed: torch has no uint16
     b = np.ascontiguousarray(bits.astype(utype)).view(signed).copy()
     return torch.from_numpy(b).view(dtype).reshape(shape)

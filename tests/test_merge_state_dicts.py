@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-import numpy as np
 import pytest
 import torch
 
@@ -286,3 +285,57 @@ def test_merge_stats_counts(backend):
 
 def test_empty_state_dicts():
     assert modkern.merge_state_dicts({}, {}, 0.5) == {}
+
+
+def test_inplace_tied_in_sd1_with_equal_untied_sd2_values():
+    g = torch.Generator().manual_seed(33)
+    w1, w2 = torch.randn(10, 4, generator=g), torch.randn(10, 4, generator=g)
+    sd1 = {"embed": w1, "head": w1}
+    sd2 = {"embed": w2, "head": w2.clone()}  # untied, but equal: one merge fits both
+    expected = modkern.merge_state_dicts(sd1, sd2, 0.6)
+    out = modkern.merge_state_dicts(sd1, sd2, 0.6, inplace=True)
+    for k in out:
+        assert_bits_equal(out[k], expected[k], k)
+
+
+@pytest.mark.parametrize("case", ["sd2 differs", "alpha differs", "reshaped view",
+                                  "overlapping slices"])
+def test_inplace_refuses_shared_memory_it_cannot_merge_once(case):
+    # out of place these merge fine; in place, the second key would be merged from values
+    # already merged (or could not hold its own result): a clear error, sd1 untouched
+    g = torch.Generator().manual_seed(34)
+    w1, w2 = torch.randn(10, 4, generator=g), torch.randn(10, 4, generator=g)
+    sd1 = {"embed": w1, "head": w1}
+    sd2 = {"embed": w2, "head": w2}
+    alpha = 0.6
+    if case == "sd2 differs":
+        sd2["head"] = torch.randn(10, 4, generator=g)
+    elif case == "alpha differs":
+        alpha = {"embed": 0.6, "head": 0.7}
+    elif case == "reshaped view":
+        sd1["head"], sd2["head"] = w1.view(-1), w2.view(-1)
+    else:
+        sd1 = {"embed": w1[:6], "head": w1[4:]}
+        sd2 = {"embed": w2[:6], "head": w2[4:]}
+    expected = modkern.merge_state_dicts(sd1, sd2, alpha)
+    for k in sd1:
+        assert_bits_equal(expected[k], oracle_select(sd1[k], sd2[k],
+                                                     alpha if isinstance(alpha, float)
+                                                     else alpha[k]), k)
+    before = w1.clone()
+    with pytest.raises(modkern.ModkernError) as e:
+        modkern.merge_state_dicts(sd1, sd2, alpha, inplace=True)
+    assert "'embed'" in str(e.value) and "'head'" in str(e.value)
+    assert "inplace=False" in str(e.value)
+    assert_bits_equal(w1, before, "sd1 untouched")
+
+
+def test_inplace_disjoint_views_of_one_storage():
+    g = torch.Generator().manual_seed(35)
+    w1, w2 = torch.randn(10, 4, generator=g), torch.randn(10, 4, generator=g)
+    sd1 = {"a": w1[:5], "b": w1[5:]}  # e.g. a fused weight split into two keys
+    sd2 = {"a": w2[:5], "b": w2[5:]}
+    expected = modkern.merge_state_dicts(sd1, sd2, 0.5)
+    out = modkern.merge_state_dicts(sd1, sd2, 0.5, inplace=True)
+    for k in sd1:
+        assert_bits_equal(out[k], expected[k], k)

@@ -150,18 +150,19 @@ def test_sizes_around_the_block(n, dtype, backend, device):
         run_all_modes(t1, t2, alpha, precision, backend, f"n={n} alpha={alpha}")
 
 
-def test_sizes_around_the_torch_hot_group():
-    # the torch path patches hot blocks a group at a time: maxima at group boundaries
-    from modkern import select_torch
-    chunk = select_torch.BLOCK * select_torch.HOT_GROUP
-    rng = np.random.default_rng(3)
-    n = 2 * chunk + 5
+@pytest.mark.parametrize("n", [2**14 + 1, 2**19 + 5, 2**20 + 5])
+def test_large_sizes_torch(n):
+    # sizes past the torch path's internal boundaries (small-tensor shortcut, chunks, groups
+    # of hot blocks); a top value in every 4096-block makes every block hold a selected
+    # element, plus maxima at chunk ends
+    rng = np.random.default_rng(n)
     t1 = make_t1("normal", (n,), torch.float32, rng)
-    t1[chunk - 1] = 0.3  # the max at the end of the first chunk; the last chunk holds a tie
-    t1[n - 1] = 0.3
-    t1[chunk + 10] = 0.29
+    t1[::BLOCK] = 0.29
+    for i in (2**14 - 1, 2**18 - 1, n - 1):
+        if i < n:
+            t1[i] = 0.3
     t2 = make_t2((n,), torch.float32, rng)
-    for alpha in (0.99, 0.0):
+    for alpha in (0.99,) + ((0.9, 0.0) if n < 2**15 else ()):
         run_all_modes(t1, t2, alpha, "exact", "torch", f"n={n} alpha={alpha}")
 
 
@@ -246,11 +247,10 @@ def midpoint_values(dtype: torch.dtype, rng, n: int) -> np.ndarray:
                      base)
 
 
-@pytest.mark.parametrize("d2", FLOAT_DTYPES, ids=dtype_ids)
-@pytest.mark.parametrize("d1", FLOAT_DTYPES, ids=dtype_ids)
+@pytest.mark.parametrize("d1, d2", [(a, b) for a in FLOAT_DTYPES for b in FLOAT_DTYPES if a != b],
+                         ids=[f"{SHORT_NAME[a]}<-{SHORT_NAME[b]}" for a in FLOAT_DTYPES
+                              for b in FLOAT_DTYPES if a != b])
 def test_t2_of_another_dtype(d1, d2, backend, device):
-    if d1 == d2:
-        pytest.skip("same dtype: covered above")
     rng = np.random.default_rng(17)
     t1 = make_t1("normal", (40, 9), d1, rng).to(device)
     t2 = torch.from_numpy(midpoint_values(d1, rng, 360).reshape(40, 9)).to(d2).to(device)
@@ -287,3 +287,28 @@ def test_reference_differs_from_exact_only_where_the_oracle_says(dtype):
         diff = (exact.view(torch.int16) != ref.view(torch.int16)).reshape(-1).numpy()
         np.testing.assert_array_equal(diff, diff_oracle)
     assert differing > 0  # the case is not vacuous
+
+
+def test_bf16_reference_rounds_the_subtraction_handworked(backend, device):
+    # mn = -1, mx = 3, span 4. x = 0.99609375 = 1 - 2**-8.
+    # exact: (x + 1) / 4 = 0.4990234375 < 0.5: t1 kept.
+    # bf16: x + 1 = 1.99609375 lies halfway between bf16 1.9921875 (odd) and 2.0 (even):
+    # ties to even give 2.0, 2.0 / 4 = 0.5, and 0.5 < 0.5 fails: t2 taken.
+    t1 = torch.tensor([-1.0, 0.99609375, 3.0], dtype=torch.bfloat16, device=device)
+    t2 = torch.full((3,), 7.0, dtype=torch.bfloat16, device=device)
+    for precision, expected in (("exact", [-1.0, 0.99609375, 7.0]),
+                                ("reference", [-1.0, 7.0, 7.0])):
+        assert values_of(oracle_select(t1, t2, 0.5, precision)).tolist() == expected
+        got = modkern.mod_select(t1, t2, 0.5, backend=backend, precision=precision)
+        assert values_of(got).tolist() == expected, precision
+
+
+def test_fp64_reference_keeps_alpha_in_float64_handworked(backend, device):
+    # float64 input: "exact" rounds alpha to float32 (0.1 -> 0.100000001490116...), the
+    # released code compares with the double 0.1. x = 0.1 normalizes to exactly 0.1.
+    t1 = torch.tensor([0.0, 0.1, 1.0], dtype=torch.float64, device=device)
+    t2 = torch.full((3,), 7.0, dtype=torch.float64, device=device)
+    exact = modkern.mod_select(t1, t2, 0.1, backend=backend, precision="exact")
+    ref = modkern.mod_select(t1, t2, 0.1, backend=backend, precision="reference")
+    assert exact.tolist() == [0.0, 0.1, 7.0]
+    assert ref.tolist() == [0.0, 7.0, 7.0]

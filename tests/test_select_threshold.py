@@ -14,8 +14,8 @@ import torch
 from hypothesis import settings
 
 from modkern import select_threshold
-from oracle_select import (all_values_between, bits_from_values, carrier, round_to, takes_t2,
-                           tensor_from_bits, values_of)
+from oracle_select import (all_values_between, bits_from_values, carrier, normalized, round_to,
+                           takes_t2, tensor_from_bits, values_of)
 
 PRECISIONS = ("exact", "reference")
 SPECIAL_ALPHAS = (0.0, 1.0, 1e-7, 0.1, 0.5, 0.9, 0.999, 1 - 2**-30, 2**-126)
@@ -52,15 +52,8 @@ def finite_values(dtype: torch.dtype) -> np.ndarray:
 def alphas_on_grid(rng, vals, mn, mx, dtype, precision, count=3) -> list[float]:
     """alphas that land exactly on a normalized value of the tensor (and just beside it)."""
     out = []
-    cd = carrier(dtype)
     for x in rng.choice(vals, size=min(count, vals.size), replace=False):
-        with np.errstate(all="ignore"):
-            if precision == "exact":
-                norm = (cd(x) - cd(mn)) / (cd(mx) - cd(mn))
-            else:
-                norm = round_to(round_to(cd(x) - cd(mn), dtype) / round_to(cd(mx) - cd(mn), dtype),
-                                dtype)
-        norm = float(norm)
+        norm = float(normalized(np.asarray([x]), mn, mx, dtype, precision)[0])
         if np.isfinite(norm) and 0.0 <= norm <= 1.0:
             f = np.float32(norm)
             out += [norm, float(np.nextafter(f, np.float32(-1))),
