@@ -26,9 +26,12 @@ _LAZY = {
     "mod_select_reference": "select_reference",
     "select_threshold": "select_reference",
     "mix_logits_reference": "mix_reference",
+    "merge_checkpoints": "checkpoint",
+    "MergeReport": "checkpoint",
 }
 
 if TYPE_CHECKING:
+    from .checkpoint import MergeReport, merge_checkpoints
     from .merge import MergeStats, merge_state_dicts
     from .mix_reference import mix_logits_reference
     from .select import mod_select, mod_select_

@@ -17,6 +17,7 @@ from .errors import ModkernError
 # Subcommand name -> module under modkern.commands (imported lazily: `--help` stays fast).
 COMMANDS = {
     "demo": "demo",
+    "merge": "merge",
 }
 
 
