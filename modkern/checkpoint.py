@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from . import publish, recipe as recipe_io, select_torch
+from . import publish, recipe as recipe_io
 from ._version import __version__
 from .errors import BackendError, CheckpointError, DTypeError, ModkernError, NonFiniteError
 from .hf_checkpoint import Checkpoint
@@ -48,6 +48,8 @@ DTYPE_ALIASES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                  "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
                  "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
                  "float64": torch.float64, "fp64": torch.float64}
+# Elements per chunk when scanning a tensor for the selected ones.
+_CHUNK = 1 << 20
 # Test hook: seconds to sleep after writing each tensor (lets a test kill a merge mid-way).
 _SLOW_ENV = "MODKERN_TEST_WRITE_DELAY"
 
@@ -153,30 +155,27 @@ def _nonfinite_t2(vals: torch.Tensor, idx: torch.Tensor, file: Path, name: str
                           "OTHER's weight; expected finite weights")
 
 
-def _selected(flat: torch.Tensor, v: torch.Tensor, chunk_max: torch.Tensor) -> torch.Tensor:
-    """Sorted flat indices with `flat >= v`, scanning only chunks whose max reaches v."""
-    chunk = select_torch.CHUNK
-    parts = []
-    for c in torch.nonzero(chunk_max >= v).flatten().tolist():
-        idx = torch.nonzero(flat[c * chunk:(c + 1) * chunk] >= v).flatten()
-        if idx.numel():
-            parts.append(idx + c * chunk)
+def _selected(flat: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Sorted flat indices with `flat >= v`, found chunk by chunk (a bool mask of the whole
+    tensor would cost as much memory as a bf16 copy of it)."""
+    parts = [torch.nonzero(flat[s:s + _CHUNK] >= v).flatten() + s
+             for s in range(0, flat.numel(), _CHUNK)]
     return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
 
 
 def _merge_cpu(t1: torch.Tensor, read_other: Callable[[torch.Tensor], torch.Tensor],
                alpha: float, precision: str, files: tuple[Path, Path], name: str) -> int:
     """Patch t1 (contiguous, CPU) in place with OTHER's elements where selected; return how
-    many. Same steps as modkern.select.select_into, with OTHER read only at the indices."""
+    many. The steps of modkern.mod_select (min/max, exact threshold, take where t1 >= v),
+    with OTHER read only at the selected indices."""
     flat = t1.view(-1)
     if flat.numel() == 0:
         return 0
-    mins, maxs = select_torch.chunk_minmax(flat)
-    mn, mx = mins.min(), maxs.max()
+    mn, mx = torch.aminmax(flat)  # NaN propagates: caught just below
     if not bool(torch.isfinite(mn) & torch.isfinite(mx)):
         raise _nonfinite_t1(flat, files[0], name)
     v = select_threshold(mn, mx, alpha, precision)
-    idx = _selected(flat, v, maxs)
+    idx = _selected(flat, v)
     vals = read_other(idx).to(flat.dtype)
     if not bool(torch.isfinite(vals).all()):
         raise _nonfinite_t2(vals, idx, files[1], name)

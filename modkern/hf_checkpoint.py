@@ -89,7 +89,10 @@ class Checkpoint:
         self.where: dict[str, SafetensorsReader] = {}
         try:
             for path in files:
-                reader = SafetensorsReader(path, pattern)
+                try:
+                    reader = SafetensorsReader(path, pattern)
+                except CheckpointError as err:
+                    raise CheckpointError(f"{label} {err}") from None
                 self.readers.append(reader)
                 for name in reader.tensors:
                     if name in self.where:
