@@ -28,9 +28,12 @@ _LAZY = {
     "mix_logits_reference": "mix_reference",
     "MixtureOfDistributions": "generation",
     "generate": "generation",
+    "merge_checkpoints": "checkpoint",
+    "MergeReport": "checkpoint",
 }
 
 if TYPE_CHECKING:
+    from .checkpoint import MergeReport, merge_checkpoints
     from .generation import MixtureOfDistributions, generate
     from .merge import MergeStats, merge_state_dicts
     from .mix_reference import mix_logits_reference

@@ -18,6 +18,7 @@ from .errors import ModkernError
 COMMANDS = {
     "demo": "demo",
     "generate": "generate",
+    "merge": "merge",
 }
 
 
