@@ -13,6 +13,9 @@ Edge cases, and how the formula keeps them (and their gradients) clean:
   alpha = 1 gives log_softmax(l1) and l2 may even be NaN;
 - a column at -inf in every model gives -inf; the log-sum-exp is shifted by a finite max,
   so its gradient there is 0, not NaN (torch.logaddexp(-inf, -inf) has a NaN gradient);
+- autograd of this formula gives 0 for the derivative with respect to a weight that is
+  exactly 0 (the `where` cuts it); the true derivative there, d out_j / d w_k = p_kj / q_j,
+  is what modkern's backends return: `weight_grad_reference` spells it out;
 - a row that log_softmax turns to NaN (all -inf, NaN inside) in a model with non-zero weight
   gives NaN, as torch does.
 """
@@ -56,3 +59,17 @@ def mix_logits_reference(l1: torch.Tensor, l2: torch.Tensor,
     log-probabilities (float64 for float64 inputs). alpha: a float, or a tensor broadcast
     over the leading dims (one weight per row)."""
     return mix_logits_many_reference([l1, l2], [alpha, 1 - alpha])
+
+
+def weight_grad_reference(logits: Sequence[torch.Tensor], weights: Sequence[float | torch.Tensor],
+                          grad_out: torch.Tensor) -> torch.Tensor:
+    """d/dw_k of sum(grad_out * out), per row: sum_j grad_out_j * p_kj / q_j, shape
+    [..., K] (the true derivative, also at w_k = 0; 0 where grad_out is 0)."""
+    out = mix_logits_many_reference(logits, weights)
+    cd = out.dtype
+    cols = []
+    for l in logits:
+        lp = torch.log_softmax(l.to(cd), dim=-1)
+        e = torch.where((grad_out == 0) | (lp == float("-inf")), 0.0, torch.exp(lp - out))
+        cols.append((grad_out.to(cd) * e).sum(-1))
+    return torch.stack(cols, dim=-1)

@@ -52,10 +52,11 @@ def _row_chunks(rows: int, width: int, chunk: int = CHUNK):
 
 
 def _probs(l: torch.Tensor, wk: torch.Tensor, drop: bool, cd: torch.dtype) -> torch.Tensor:
-    """softmax(l) in cd; rows whose weight is 0 set to 0 (their logits may be NaN)."""
+    """softmax(l) in cd. A row of weight 0 is dropped from the mixture, so a NaN row
+    there (all -inf, NaN or +inf inside: softmax makes the whole row NaN) is set to 0."""
     p = torch.softmax(l, dim=-1, dtype=cd)
     if drop:
-        p.masked_fill_(wk == 0, 0.0)
+        p.masked_fill_((wk == 0) & torch.isnan(p[:, :1]), 0.0)
     return p
 
 
