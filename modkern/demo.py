@@ -212,24 +212,14 @@ def _copy_side_files(src: Path, dst: Path) -> None:
 
 
 def mod_merge_checkpoint(a: Path, b: Path, out: Path, alpha: float) -> Row:
-    """MoD merge of checkpoint folders `a` (base, model 1) and `b` into `out`, through the
-    safetensors files on disk; returns the merge's counts in a Row without accuracies."""
-    from safetensors.torch import load_file, save_file
+    """MoD merge of checkpoint folders `a` (base, model 1) and `b` into `out` by
+    `merge_checkpoints` (the path `modkern merge` takes); a Row of its counts, no accuracy."""
+    from .checkpoint import merge_checkpoints
 
-    from .merge import MergeStats, merge_state_dicts
-
-    start = time.perf_counter()
-    sd_a = load_file(str(a / "model.safetensors"))
-    sd_b = load_file(str(b / "model.safetensors"))
-    stats = MergeStats()
-    merged = merge_state_dicts(sd_a, sd_b, alpha, backend="torch", stats=stats)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(merged, str(out / "model.safetensors"), metadata={"format": "pt"})
-    _copy_side_files(a, out)
-    return Row(out.name, "mod", alpha, {}, elements_taken=stats.elements_taken,
-               elements_merged=stats.elements_merged,
-               bytes_read_a=_file_bytes(a), bytes_read_b=_file_bytes(b),
-               seconds=time.perf_counter() - start)
+    report = merge_checkpoints(a, b, out, alpha, progress=False)
+    return Row(out.name, "mod", alpha, {}, elements_taken=report.elements_taken,
+               elements_merged=report.elements_merged, bytes_read_a=report.bytes_read_base,
+               bytes_read_b=report.bytes_read_other, seconds=report.seconds)
 
 
 def linear_merge_checkpoint(a: Path, b: Path, out: Path, alpha: float) -> Row:

@@ -22,7 +22,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from .errors import ShapeMismatchError
-from .mix_reference import mix_logits_reference
+from .mix import mix_logits
 from .select import check_alpha
 
 __all__ = ["MixtureOfDistributions", "generate"]
@@ -31,13 +31,9 @@ __all__ = ["MixtureOfDistributions", "generate"]
 def _mix_common(l1: torch.Tensor, l2: torch.Tensor, alpha: float,
                 backend: str) -> torch.Tensor:
     """The mixture of the two distributions over the first min(V1, V2) vocabulary columns,
-    as float32 log-probabilities [B, min(V1, V2)]: the one place this module mixes logits.
-
-    Computed by the specification `mix_logits_reference` (plain torch); `backend` names the
-    engine asked for and is handed to `modkern.mix.mix_logits` where that fused op is used.
-    """
-    width = min(l1.shape[-1], l2.shape[-1])
-    return mix_logits_reference(l1[..., :width], l2[..., :width], alpha).float()
+    as float32 log-probabilities [B, min(V1, V2)]: the one place this module mixes logits
+    (`mix_logits`, fused Triton kernels for CUDA tensors under backend="auto")."""
+    return mix_logits(l1, l2, alpha, backend=backend, vocab="common").float()
 
 
 def _cache_argument(model: torch.nn.Module) -> str:
