@@ -337,6 +337,7 @@ def run_demo(out: Path, config: DemoConfig = DemoConfig(), *, threads: int | Non
             {"config": asdict(config), "seconds": result.seconds,
              "rows": [asdict(r) for r in rows]}, indent=2))
         (out / "table.txt").write_text(format_table(result) + "\n")
+        (out / "accuracy.png").unlink(missing_ok=True)  # never leave an earlier run's plot
         if plot:
             result.plot = save_plot(result, out / "accuracy.png", result.notes)
         return result
