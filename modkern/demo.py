@@ -262,9 +262,9 @@ def load(folder: Path):
 def run_demo(out: Path, config: DemoConfig = DemoConfig(), *, threads: int | None = None,
              plot: bool = True, log: Callable[[str], None] = print) -> DemoResult:
     """Run the demo into folder `out` (created; existing demo files are overwritten)."""
-    from .generation import generate as mixture_generate
-
     from transformers.utils import logging as hf_logging
+
+    from .generation import generate as mixture_generate
 
     start = time.perf_counter()
     old_threads = torch.get_num_threads()
@@ -298,8 +298,8 @@ def run_demo(out: Path, config: DemoConfig = DemoConfig(), *, threads: int | Non
                      batch=config.batch, lr=config.pretrain_lr, seed=config.seed + 1,
                      exclude=excluded)
         base_dir = save(base, "base")
-        log(f"[cpu {time.process_time():.1f} s] pretrained the base on copying: {config.pretrain_steps} steps, "
-            f"loss {loss:.3f}, {time.perf_counter() - t0:.1f} s")
+        log(f"pretrained the base on copying: {config.pretrain_steps} steps, "
+            f"final loss {loss:.3f}, {time.perf_counter() - t0:.1f} s")
         rows.append(Row("base", "base", None, score(decode_with(base), evals)))
 
         specialists = {}
@@ -310,27 +310,31 @@ def run_demo(out: Path, config: DemoConfig = DemoConfig(), *, threads: int | Non
                          lr=config.finetune_lr, seed=config.seed + 2 + i, exclude=excluded)
             name = f"specialist-{task.name}"
             specialists[task.name] = save(model, name)
-            log(f"[cpu {time.process_time():.1f} s] fine-tuned {name}: {config.finetune_steps} steps, loss {loss:.3f}, "
-                f"{time.perf_counter() - t0:.1f} s")
+            log(f"fine-tuned {name}: {config.finetune_steps} steps, "
+                f"final loss {loss:.3f}, {time.perf_counter() - t0:.1f} s")
             rows.append(Row(name, "specialist", None, score(decode_with(model), evals)))
         a_dir, b_dir = specialists[TASK_A.name], specialists[TASK_B.name]
 
-        for method, merge in (("mod", mod_merge_checkpoint), ("linear", linear_merge_checkpoint)):
+        t0 = time.perf_counter()
+        for method, merge in (("mod", mod_merge_checkpoint),
+                              ("linear", linear_merge_checkpoint)):
             for alpha in config.alphas:
                 folder = out / f"{method}-{alpha:g}"
                 _clear(folder)
                 row = merge(a_dir, b_dir, folder, alpha)
                 row.accuracy = score(decode_with(load(folder)), evals)
                 rows.append(row)
-        log(f"[cpu {time.process_time():.1f} s] merged the specialists at alpha = "
-            f"{', '.join(f'{a:g}' for a in config.alphas)}, by MoD and linearly")
+        log(f"merged the specialists by MoD and linearly at alpha = "
+            f"{', '.join(f'{a:g}' for a in config.alphas)} and scored the merges, "
+            f"{time.perf_counter() - t0:.1f} s")
 
+        t0 = time.perf_counter()
         model_a, model_b = load(a_dir), load(b_dir)
         for alpha in config.alphas:
             acc = score(lambda prompts, n, alpha=alpha: mixture_generate(
                 model_a, model_b, tok, prompts, alpha, max_new_tokens=n), evals)
             rows.append(Row(f"mixture-{alpha:g}", "mixture", alpha, acc))
-        log(f"[cpu {time.process_time():.1f} s] decoded with the mixture of both specialists")
+        log(f"decoded with the mixture of both specialists, {time.perf_counter() - t0:.1f} s")
 
         result = DemoResult(rows, out, config, time.perf_counter() - start)
         (out / "results.json").write_text(json.dumps(
