@@ -223,3 +223,13 @@ def test_cli_generate(models, tok, tmp_path, capsys):
     assert "alpha" in capsys.readouterr().err
     assert main(["generate", "--model", str(tmp_path / "nope"), "--other",
                  str(tmp_path / "b"), "--prompt", "x"]) == 2
+
+
+def test_other_model_in_bfloat16(tok):
+    """Model 2 in another dtype: its logits are mixed in float32; alpha = 0 still reproduces
+    its own greedy decoding."""
+    v = len(tok)
+    m1 = tiny_causal_lm(v, seed=1)
+    m2 = tiny_causal_lm(v, arch="llama", seed=2).to(torch.bfloat16)
+    got = generate(m1, m2, tok, PROMPTS, 0.0, max_new_tokens=NEW, return_tensors=True)
+    assert torch.equal(got, plain_greedy(m2, tok, PROMPTS))
