@@ -29,6 +29,7 @@ setup(
         "transformers>=4.45",
         "tqdm>=4.60",
         "numpy>=1.26",
+        "pyyaml>=6",
     ],
     extras_require={
         "triton": ["triton>=3.2"],

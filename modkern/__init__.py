@@ -26,11 +26,21 @@ _LAZY = {
     "mod_select_reference": "select_reference",
     "select_threshold": "select_reference",
     "mix_logits_reference": "mix_reference",
+    "mix_logits_many_reference": "mix_reference",
+    "mix_logits": "mix",
+    "mix_logits_many": "mix",
+    "MixtureOfDistributions": "generation",
+    "generate": "generation",
+    "merge_checkpoints": "checkpoint",
+    "MergeReport": "checkpoint",
 }
 
 if TYPE_CHECKING:
+    from .checkpoint import MergeReport, merge_checkpoints
+    from .generation import MixtureOfDistributions, generate
     from .merge import MergeStats, merge_state_dicts
-    from .mix_reference import mix_logits_reference
+    from .mix import mix_logits, mix_logits_many
+    from .mix_reference import mix_logits_many_reference, mix_logits_reference
     from .select import mod_select, mod_select_
     from .select_reference import mod_select_reference, select_threshold
 

@@ -17,6 +17,8 @@ from .errors import ModkernError
 # Subcommand name -> module under modkern.commands (imported lazily: `--help` stays fast).
 COMMANDS = {
     "demo": "demo",
+    "generate": "generate",
+    "merge": "merge",
 }
 
 

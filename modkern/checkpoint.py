@@ -1,0 +1,405 @@
+"""`merge_checkpoints`: MoD weight select from checkpoint folder to checkpoint folder,
+streaming tensor by tensor and reading the other model only where it is selected.
+
+For each tensor of BASE, in file order: read it whole (one positioned read), take its min
+and max, and compute the exact threshold v of select_reference.select_threshold. The
+elements that come from OTHER are exactly those with `t1 >= v`, so only the pages of
+OTHER's tensor that hold them are read (at alpha 0.9 about 2% of OTHER's pages on
+N(0, 0.02) weights). The patched tensor is appended to the output shard being written; the
+shards' layout is planned from the headers beforehand, so memory stays at about the largest
+tensor. Everything that can be checked without tensor data (folders, shards, headers, keys,
+shapes, dtypes, alpha rules, output path, disk space) is checked before anything is written;
+the output is built in a temporary folder beside OUT and renamed into place when complete.
+The result equals `merge_state_dicts` on the two loaded state dicts, bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import publish, recipe as recipe_io
+from ._version import __version__
+from .errors import BackendError, CheckpointError, DTypeError, ModkernError, NonFiniteError
+from .hf_checkpoint import Checkpoint
+from .merge import AlphaRule, Patterns, _plan, check_keys, name_filter
+from .select import check_alpha, check_precision
+from .select_reference import select_threshold
+from .shard_writer import PlannedTensor, ShardWriter, parse_size, plan_shards
+
+# Files copied from BASE into the output, beside the weights (top level only).
+COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+          "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+          "vocab.txt", "merges.txt", "chat_template.json", "chat_template.jinja",
+          "spiece.model", "preprocessor_config.json")
+# config.json keys that fix the tensors' meaning: both models must agree on them.
+ARCH_KEYS = ("architectures", "model_type", "hidden_size", "num_hidden_layers",
+             "intermediate_size", "num_attention_heads", "num_key_value_heads", "vocab_size",
+             "head_dim")
+DTYPE_ALIASES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                 "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+                 "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+                 "float64": torch.float64, "fp64": torch.float64}
+# Elements per chunk when scanning a tensor for the selected ones.
+_CHUNK = 1 << 20
+# Test hook: seconds to sleep after writing each tensor (lets a test kill a merge mid-way).
+_SLOW_ENV = "MODKERN_TEST_WRITE_DELAY"
+
+
+@dataclass
+class MergeReport:
+    """What `merge_checkpoints` did. Byte counts are what was asked of each input's weight
+    files (headers included); bytes_base/bytes_other are those files' sizes."""
+
+    out: Path
+    tensors_merged: int = 0
+    tensors_copied: int = 0
+    elements_merged: int = 0
+    elements_taken: int = 0
+    bytes_read_base: int = 0
+    bytes_read_other: int = 0
+    bytes_base: int = 0
+    bytes_other: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    taken_by_key: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def summary(self) -> str:
+        """One line: tensors, elements taken from OTHER, bytes read per input, time."""
+        def frac(a: int, b: int) -> str:
+            return f"{a / b:.1%}" if b else "-"
+        taken = (f"{self.elements_taken / self.elements_merged:.1e}"
+                 if self.elements_merged else "-")
+        return (f"merged {self.tensors_merged} tensors ({self.tensors_copied} copied); took "
+                f"{self.elements_taken:,} of {self.elements_merged:,} elements from OTHER "
+                f"({taken}); read {_size(self.bytes_read_base)} of BASE "
+                f"({frac(self.bytes_read_base, self.bytes_base)}) and "
+                f"{_size(self.bytes_read_other)} of OTHER "
+                f"({frac(self.bytes_read_other, self.bytes_other)}); wrote "
+                f"{_size(self.bytes_written)} to {self.out} in {self.seconds:.1f} s")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    """None, a torch floating dtype, or a name such as 'bfloat16'/'bf16'."""
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in DTYPE_ALIASES:
+        return DTYPE_ALIASES[dtype.lower().removeprefix("torch.")]
+    raise DTypeError(f"dtype {dtype!r}: expected a floating-point dtype such as bfloat16, "
+                     "float16 or float32")
+
+
+def _check_paths(base: Path, other: Path, out: Path, force: bool) -> None:
+    for label, src in (("BASE", base), ("OTHER", other)):
+        if out == src or src in out.parents:
+            raise CheckpointError(f"OUT {out}: is {'the' if out == src else 'inside'} {label} "
+                                  f"folder {src}; expected a folder outside both inputs")
+        if out in src.parents:
+            raise CheckpointError(f"OUT {out}: contains {label} folder {src}; expected a "
+                                  "folder outside both inputs")
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise CheckpointError(f"OUT {out}: already exists; expected a new folder (pass "
+                                  "--force / force=True to replace it)")
+        if not out.is_dir():
+            raise CheckpointError(f"OUT {out}: exists and is not a folder; expected a folder "
+                                  "(remove it yourself)")
+
+
+def _check_configs(c1: dict, c2: dict, base: Path, other: Path) -> None:
+    for key in ARCH_KEYS:
+        if key in c1 and key in c2 and c1[key] != c2[key]:
+            raise CheckpointError(f"config.json: {key} differs: BASE {base} has {c1[key]!r}, "
+                                  f"OTHER {other} has {c2[key]!r}; expected the same "
+                                  "architecture and shapes")
+
+
+def _check_space(out: Path, needed: int) -> None:
+    probe = out.parent
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if needed > free:
+        raise CheckpointError(f"OUT {out}: not enough disk space: the merge writes "
+                              f"{_size(needed)} but {probe} has {_size(free)} free; expected "
+                              "at least that much free")
+
+
+def _nonfinite_t1(flat: torch.Tensor, file: Path, name: str) -> NonFiniteError:
+    bad = int(torch.nonzero(~torch.isfinite(flat))[0])
+    return NonFiniteError(f"BASE {file}: tensor {name!r} has a non-finite value "
+                          f"{flat[bad].item()} at flat index {bad}; expected finite weights")
+
+
+def _nonfinite_t2(vals: torch.Tensor, idx: torch.Tensor, file: Path, name: str
+                  ) -> NonFiniteError:
+    k = int(torch.nonzero(~torch.isfinite(vals))[0])
+    return NonFiniteError(f"OTHER {file}: tensor {name!r} has a non-finite value "
+                          f"{vals[k].item()} at flat index {int(idx[k])}, where the merge takes "
+                          "OTHER's weight; expected finite weights")
+
+
+def _selected(flat: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Sorted flat indices with `flat >= v`, found chunk by chunk (a bool mask of the whole
+    tensor would cost as much memory as a bf16 copy of it)."""
+    parts = [torch.nonzero(flat[s:s + _CHUNK] >= v).flatten() + s
+             for s in range(0, flat.numel(), _CHUNK)]
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
+
+
+def _merge_cpu(t1: torch.Tensor, read_other: Callable[[torch.Tensor], torch.Tensor],
+               alpha: float, precision: str, files: tuple[Path, Path], name: str) -> int:
+    """Patch t1 (contiguous, CPU) in place with OTHER's elements where selected; return how
+    many. The steps of modkern.mod_select (min/max, exact threshold, take where t1 >= v),
+    with OTHER read only at the selected indices."""
+    flat = t1.view(-1)
+    if flat.numel() == 0:
+        return 0
+    mn, mx = torch.aminmax(flat)  # NaN propagates: caught just below
+    if not bool(torch.isfinite(mn) & torch.isfinite(mx)):
+        raise _nonfinite_t1(flat, files[0], name)
+    v = select_threshold(mn, mx, alpha, precision)
+    idx = _selected(flat, v)
+    vals = read_other(idx).to(flat.dtype)
+    if not bool(torch.isfinite(vals).all()):
+        raise _nonfinite_t2(vals, idx, files[1], name)
+    flat[idx] = vals
+    return idx.numel()
+
+
+def _merge_cuda(t1: torch.Tensor, read_other: Callable[[torch.Tensor], torch.Tensor],
+                other_dtype: torch.dtype, alpha: float, precision: str,
+                files: tuple[Path, Path], name: str, device: torch.device
+                ) -> tuple[torch.Tensor, int]:
+    """The GPU route: find the selected indices on the GPU, read those elements of OTHER,
+    scatter them into an otherwise zero t2 (mod_select reads t2 only where selected) and
+    run modkern.mod_select (the Triton kernels). Returns the merged tensor on the CPU and
+    the number of elements taken from OTHER."""
+    from .select import mod_select
+
+    g1 = t1.to(device, non_blocking=True)
+    flat = g1.view(-1)
+    if flat.numel() == 0:
+        return t1, 0
+    mn, mx = torch.aminmax(flat)
+    if not bool(torch.isfinite(mn) & torch.isfinite(mx)):
+        raise _nonfinite_t1(flat.cpu(), files[0], name)
+    v = select_threshold(mn, mx, alpha, precision)
+    idx = torch.nonzero(flat >= v).flatten().cpu()
+    vals = read_other(idx)
+    if not bool(torch.isfinite(vals.to(t1.dtype)).all()):
+        raise _nonfinite_t2(vals.to(t1.dtype), idx, files[1], name)
+    g2 = torch.zeros(t1.shape, dtype=other_dtype, device=device)
+    g2.view(-1)[idx.to(device)] = vals.to(device)
+    return mod_select(g1, g2, alpha, precision=precision, name=name).cpu(), idx.numel()
+
+
+def merge_checkpoints(base: str | os.PathLike, other: str | os.PathLike,
+                      out: str | os.PathLike, alpha: AlphaRule, *, include: Patterns = None,
+                      exclude: Patterns = None, strict: bool = True, precision: str = "exact",
+                      device: str = "cpu", dtype=None, max_shard_size: str | int = "5GB",
+                      force: bool = False, progress: bool | None = None,
+                      full_hash: bool = False, extra_recipe: Mapping | None = None
+                      ) -> MergeReport:
+    """Merge two Hugging Face checkpoint folders by MoD weight select into a new folder.
+
+    Args:
+        base: model 1's folder (model.safetensors or shards + model.safetensors.index.json);
+            its config, generation config and tokenizer are copied to the output.
+        other: model 2's folder; only the pages holding selected elements are read.
+        out: the output folder; must not exist (unless `force`) nor be or contain an input.
+        alpha: a float in [0, 1], a mapping name pattern -> float (first match wins), or a
+            function of the tensor name (None: carry that tensor over), as in
+            merge_state_dicts.
+        include, exclude: name patterns selecting the tensors to merge (e.g. "mlp").
+        strict: raise if the models' tensor names differ; if False, BASE's extra tensors
+            are carried over and OTHER's ignored.
+        precision: "exact" or "reference" (the released code's arithmetic, bit for bit).
+        device: "cpu", or "cuda"/"cuda:N" to run the select through the Triton kernels.
+        dtype: cast floating-point output tensors to this dtype (after the merge).
+        max_shard_size: largest output shard, e.g. "5GB" (decimal) or "4GiB".
+        force: replace an existing `out` (the previous folder stays intact until the new
+            one is complete, then is swapped out at once).
+        progress: show a progress bar; None shows one only when stderr is a terminal.
+        full_hash: record the sha256 of every input weight file in the recipe (reads all
+            of OTHER); by default the sha256 of each file's header and its size.
+        extra_recipe: extra entries for the recipe file (e.g. the config it came from).
+
+    Returns a MergeReport. Raises a ModkernError subclass, naming the file, tensor and what
+    was expected, for bad input; in that case nothing is left at `out` (or the previous
+    folder is untouched).
+    """
+    start = time.perf_counter()
+    check_precision(precision)
+    if not isinstance(alpha, Mapping) and not callable(alpha):
+        alpha = check_alpha(alpha)
+    out_dtype = parse_dtype(dtype)
+    shard_bytes = parse_size(max_shard_size)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BackendError(f"device {device!r}: no CUDA device is available here; use "
+                           "--device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise BackendError(f"device {device!r}: expected 'cpu' or 'cuda'")
+    base_p, other_p = Path(base).absolute(), Path(other).absolute()
+    out_p = Path(out).absolute()
+    _check_paths(base_p.resolve(), other_p.resolve(), out_p.resolve(), force)
+
+    with Checkpoint(base_p, "BASE", "sequential") as ck1, \
+            Checkpoint(other_p, "OTHER", "random") as ck2:
+        _check_configs(ck1.config(), ck2.config(), base_p, other_p)
+        sd1 = {n: i.meta() for n, i in ck1.items()}
+        sd2 = {n: i.meta() for n, i in ck2.items()}
+        if strict:
+            try:
+                check_keys(sd1, sd2)
+            except ModkernError as err:
+                raise type(err)(f"BASE {base_p} vs OTHER {other_p}: {err}".replace(
+                    "pass strict=False", "pass --no-strict / strict=False")) from None
+        keep = name_filter(include, exclude)
+        plan: dict[str, float] = {}
+        for name in sd1:
+            try:
+                plan |= _plan({name: sd1[name]}, {name: sd2[name]} if name in sd2 else {},
+                              alpha, keep)
+            except ModkernError as err:
+                raise type(err)(f"BASE {ck1.where[name].path} vs OTHER "
+                                f"{ck2.where[name].path}: {err}") from None
+
+        planned = [PlannedTensor(n, out_dtype if out_dtype is not None and
+                                 i.dtype.is_floating_point else i.dtype, i.shape)
+                   for n, i in ck1.items()]
+        shards = plan_shards(planned, shard_bytes)
+        copied = [f for f in COPIED if (base_p / f).is_file()]
+        needed = sum(s.nbytes + len(s.header()) for s in shards) + \
+            sum((base_p / f).stat().st_size for f in copied) + (1 << 20)
+        _check_space(out_p, needed)
+
+        report = MergeReport(out=out_p, bytes_base=ck1.weight_bytes,
+                             bytes_other=ck2.weight_bytes)
+        inputs = {"base": recipe_io.describe_input(ck1, copied, full_hash),
+                  "other": recipe_io.describe_input(ck2, copied, full_hash)}
+
+        out_p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = publish.temp_folder(out_p)
+        writer = ShardWriter(tmp, shards)
+        bar = _progress_bar(progress, sum(s.nbytes for s in shards), len(planned))
+        delay = float(os.environ.get(_SLOW_ENV, "0") or 0)
+        try:
+            for name in ck1.names():
+                info = ck1.info(name)
+                t1 = ck1.where[name].read_tensor(name)
+                if name in plan:
+                    other_reader = ck2.where[name]
+
+                    def read_other(idx: torch.Tensor, r=other_reader, n=name) -> torch.Tensor:
+                        return r.read_elements(n, idx)
+
+                    files = (ck1.where[name].path, other_reader.path)
+                    if dev.type == "cuda":
+                        t1, taken = _merge_cuda(t1, read_other, ck2.info(name).dtype,
+                                                plan[name], precision, files, name, dev)
+                    else:
+                        taken = _merge_cpu(t1, read_other, plan[name], precision, files, name)
+                    report.tensors_merged += 1
+                    report.elements_merged += info.numel
+                    report.elements_taken += taken
+                    report.taken_by_key[name] = taken
+                else:
+                    report.tensors_copied += 1
+                if out_dtype is not None and t1.is_floating_point() and t1.dtype != out_dtype:
+                    t1 = t1.to(out_dtype)
+                writer.write(name, t1)
+                del t1
+                if bar is not None:
+                    bar.update(writer.bytes_written - bar.n)
+                if delay:
+                    time.sleep(delay)
+            writer.finish()
+            report.bytes_written = writer.bytes_written
+            report.bytes_read_base, report.bytes_read_other = ck1.bytes_read, ck2.bytes_read
+            _copy_base_files(base_p, tmp, copied, out_dtype)
+            report.seconds = time.perf_counter() - start
+            record = _recipe(inputs, alpha, include, exclude, strict, precision, out_dtype,
+                             shard_bytes, full_hash, report, ck1.names(), plan, extra_recipe)
+            recipe_io.write_recipe(tmp, record)
+            (tmp / "README.md").write_text(recipe_io.model_card(base_p, other_p, record),
+                                           encoding="utf-8")
+            publish.publish(tmp, out_p, replace=force)
+        except BaseException:
+            writer.abort()
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _progress_bar(progress: bool | None, total_bytes: int, tensors: int):
+    if progress is None:
+        progress = sys.stderr.isatty()
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000,
+                desc=f"merging {tensors} tensors", file=sys.stderr, dynamic_ncols=True)
+
+
+def _copy_base_files(base: Path, tmp: Path, copied: list[str],
+                     out_dtype: torch.dtype | None) -> None:
+    for name in copied:
+        src, dst = base / name, tmp / name
+        if name == "config.json" and out_dtype is not None:
+            config = json.loads(src.read_text(encoding="utf-8"))
+            dtype_name = str(out_dtype).removeprefix("torch.")
+            keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
+            for k in keys:
+                config[k] = dtype_name
+            dst.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        else:
+            shutil.copyfile(src, dst)
+
+
+def _recipe(inputs, alpha, include, exclude, strict, precision, out_dtype, shard_bytes,
+            full_hash, report: MergeReport, names, plan, extra) -> dict:
+    def patterns(p):
+        return None if p is None else ([p] if isinstance(p, str) else list(p))
+
+    record = {
+        "modkern_version": __version__,
+        "method": "mod-weight-select",
+        "inputs": inputs,
+        "alpha": recipe_io.alpha_record(alpha, names, plan),
+        "include": patterns(include),
+        "exclude": patterns(exclude),
+        "precision": precision,
+        "strict": strict,
+        "dtype": None if out_dtype is None else str(out_dtype).removeprefix("torch."),
+        "max_shard_size": shard_bytes,
+        "hashes": "sha256 of whole files" if full_hash else
+                  "weight files: sha256 of the safetensors header + size; others: sha256",
+        "result": {k: v for k, v in asdict(report).items()
+                   if k not in ("out", "taken_by_key", "seconds")},
+    }
+    if extra:
+        record["source"] = dict(extra)
+    return record

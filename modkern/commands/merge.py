@@ -1,0 +1,132 @@
+"""`modkern merge`: merge two Hugging Face checkpoint folders by MoD weight select.
+
+    modkern merge BASE OTHER OUT --alpha 0.9
+    modkern merge BASE OTHER OUT --alpha 'layers.0.*=0.8' --alpha 0.9 --include mlp
+    modkern merge --config mod_config.yml OUT --precision reference --include mlp
+
+Streams tensor by tensor, reads OTHER only where it is selected, and publishes OUT only
+when complete (a killed merge leaves no OUT, or the previous one with --force).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+from ..errors import AlphaError, CheckpointError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="merge two checkpoint folders into a new one",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="*", metavar="PATH",
+                   help="BASE OTHER OUT (model 1, model 2, output folder), or only OUT with "
+                   "--config")
+    p.add_argument("--config", metavar="FILE",
+                   help="the paper's released config (base_model, experts: [{source_model}], "
+                   "weights: [alpha, 1-alpha]); gives BASE, OTHER and alpha")
+    p.add_argument("--alpha", action="append", metavar="RULE",
+                   help="threshold in [0, 1], e.g. 0.9; or PATTERN=VALUE for the tensors a "
+                   "name pattern matches (repeatable, first match wins; a bare number is "
+                   "the default for the rest)")
+    p.add_argument("--recipe", metavar="FILE",
+                   help="YAML/JSON with alpha (number or pattern mapping), include, exclude, "
+                   "precision, strict, dtype; e.g. the modkern_recipe.yaml of an earlier "
+                   "merge. Command-line options win")
+    p.add_argument("--include", action="append", metavar="PATTERN",
+                   help="merge only tensors whose name matches (substring, or glob with "
+                   "*?[); repeatable")
+    p.add_argument("--exclude", action="append", metavar="PATTERN",
+                   help="never merge tensors whose name matches; repeatable")
+    p.add_argument("--no-strict", dest="strict", action="store_false", default=None,
+                   help="allow tensors present in one model only (BASE's are carried over, "
+                   "OTHER's ignored)")
+    p.add_argument("--precision", choices=("exact", "reference"), default=None,
+                   help="exact: float32 formula (default); reference: the released code's "
+                   "arithmetic in the weights' dtype, bit for bit")
+    p.add_argument("--device", default="cpu",
+                   help="cpu (default), or cuda / cuda:N to run the select on the GPU")
+    p.add_argument("--dtype", default=None,
+                   help="cast floating-point output tensors to this dtype (bfloat16, "
+                   "float16, float32); default: keep BASE's")
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="largest output shard (default 5GB; e.g. 2GB, 500MB, 4GiB)")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUT if it exists (the previous OUT stays intact until the "
+                   "new one is complete)")
+    p.add_argument("--full-hash", action="store_true",
+                   help="record the sha256 of every input weight file in the recipe (reads "
+                   "all of OTHER); default: sha256 of each file's header and its size")
+    p.add_argument("--quiet", "-q", action="store_true",
+                   help="no progress bar and no summary line")
+    p.set_defaults(command="merge")
+
+
+def parse_alpha(rules: list[str]):
+    """--alpha values -> a float, or a pattern mapping (a bare number becomes '*')."""
+    mapping: dict[str, float] = {}
+    default = None
+    for rule in rules:
+        pattern, _, value = rule.rpartition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            raise AlphaError(f"--alpha {rule!r}: expected a number in [0, 1] or "
+                             "PATTERN=NUMBER") from None
+        if pattern:
+            mapping[pattern] = number
+        elif default is not None:
+            raise AlphaError(f"--alpha given two default values ({default} and {number}); "
+                             "expected one")
+        else:
+            default = number
+    if not mapping:
+        return default
+    if default is not None:
+        mapping["*"] = default
+    return mapping
+
+
+def _terminate(signum, frame):  # SIGTERM: unwind like Ctrl-C so the temp folder is removed
+    raise KeyboardInterrupt
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import merge_checkpoints
+    from ..paper_config import load_paper_config
+    from ..recipe import load_rules
+
+    rules = load_rules(args.recipe) if args.recipe else {}
+    extra = None
+    if args.config:
+        if len(args.paths) != 1:
+            raise CheckpointError(f"with --config give only OUT, got {len(args.paths)} paths "
+                                  f"{args.paths}")
+        cfg = load_paper_config(args.config)
+        base, other, out = cfg.base, cfg.other, args.paths[0]
+        rules.setdefault("alpha", cfg.alpha)
+        extra = {"paper_config": args.config, "content": cfg.raw}
+    else:
+        if len(args.paths) != 3:
+            raise CheckpointError(f"expected BASE OTHER OUT (or --config FILE OUT), got "
+                                  f"{len(args.paths)} paths {args.paths}")
+        base, other, out = args.paths
+    alpha = parse_alpha(args.alpha) if args.alpha else rules.get("alpha")
+    if alpha is None:
+        raise AlphaError("no alpha: pass --alpha 0.9 (or PATTERN=VALUE rules), --recipe or "
+                         "--config")
+    signal.signal(signal.SIGTERM, _terminate)
+    report = merge_checkpoints(
+        base, other, out, alpha,
+        include=args.include or rules.get("include"),
+        exclude=args.exclude or rules.get("exclude"),
+        strict=args.strict if args.strict is not None else rules.get("strict", True),
+        precision=args.precision or rules.get("precision", "exact"),
+        device=args.device, dtype=args.dtype or rules.get("dtype"),
+        max_shard_size=args.max_shard_size, force=args.force,
+        progress=False if args.quiet else None, full_hash=args.full_hash,
+        extra_recipe=extra)
+    if not args.quiet:
+        print(f"modkern merge: {report.summary()}", file=sys.stdout)
+    return 0

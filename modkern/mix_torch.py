@@ -1,0 +1,149 @@
+"""Mixture of distributions over logits in plain torch, chunked for the CPU.
+
+The engine behind `mix_logits(..., backend="torch")`. Rows are processed a few at a time so
+every temporary ([rows_in_chunk, V] float32) stays in cache; per chunk the forward is
+
+    p_k = softmax(l_k)            (one fused ATen kernel each, float32 even for bf16 input)
+    q   = sum_k w_k * p_k         (in place)
+    out = log(q)
+
+which costs one exp per input element and one log per output element, about the eager
+formula's arithmetic but without its trips through main memory. log(q) is accurate while q
+is a normal float; where q < TINY (a probability below ~1e-30, or an exact 0 from masked
+columns) the few elements are recomputed in the log domain,
+`logsumexp_k(log w_k + l_k - logsumexp(l_k))`, so huge logit gaps and -inf columns are exact.
+
+The backward recomputes the softmaxes instead of storing them. With h = g / q and
+d_k = sum_j h_j p_kj (= d out / d w_k summed against g):
+
+    grad l_k = w_k * p_k * (h - d_k)          grad w_k = d_k
+
+again with a log-domain fix-up where q < TINY. A model whose weight is 0 is dropped from its
+rows entirely (its logits may even be NaN there), so alpha = 0 or 1 never makes a NaN.
+
+Engine interface (shared with modkern.kernels.mix_logits):
+    forward(ls, W, n_valid) -> (out, saved)
+    backward(ls, W, saved, g, n_valid, need_w) -> (grads, grad_W or None)
+ls: K tensors [R, V]; W: weights [R or 1, K]; columns >= n_valid count as -inf.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Elements per chunk temporary: 4 of them (float32) should sit in a core's L2 (4 MiB here).
+CHUNK = 1 << 17
+
+
+def compute_dtype(ls) -> torch.dtype:
+    """float64 when any input is float64 (gradcheck), float32 otherwise."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in ls) else torch.float32
+
+
+def _tiny(cd: torch.dtype) -> float:
+    # Below this, q = sum w_k p_k may have lost its digits to underflow: recompute in logs.
+    return 1e-30 if cd == torch.float32 else 1e-290
+
+
+def _row_chunks(rows: int, width: int, chunk: int = CHUNK):
+    step = max(1, min(rows, chunk // max(width, 1)))
+    for r0 in range(0, rows, step):
+        yield r0, min(rows, r0 + step)
+
+
+def _probs(l: torch.Tensor, wk: torch.Tensor, drop: bool, cd: torch.dtype) -> torch.Tensor:
+    """softmax(l) in cd. A row of weight 0 is dropped from the mixture, so a NaN row
+    there (all -inf, NaN or +inf inside: softmax makes the whole row NaN) is set to 0."""
+    p = torch.softmax(l, dim=-1, dtype=cd)
+    if drop:
+        p.masked_fill_((wk == 0) & torch.isnan(p[:, :1]), 0.0)
+    return p
+
+
+def _log_terms(ls, W, rows, cols, r0, nv, cd):
+    """Log-domain pieces at the given elements (chunk-relative rows): per model the
+    log-softmax lp_k and the weighted term t_k = log w_k + lp_k (-inf where w_k = 0),
+    and out = logsumexp_k t_k. Used only for the few elements where q underflows."""
+    urows, inv = torch.unique(rows, return_inverse=True)
+    lps, ts = [], []
+    for k, l in enumerate(ls):
+        lse = torch.logsumexp(l[r0 + urows, :nv].to(cd), dim=-1)
+        lp = l[r0 + rows, cols].to(cd) - lse[inv]
+        w = W[(r0 + rows) if W.shape[0] > 1 else torch.zeros_like(rows), k]
+        ts.append(torch.where(w > 0, torch.log(w) + lp, float("-inf")))
+        lps.append(lp)
+    out = torch.logsumexp(torch.stack(ts), dim=0)
+    return lps, ts, out
+
+
+def forward(ls, W: torch.Tensor, n_valid: int | None):
+    R, V = ls[0].shape
+    nv = V if n_valid is None else n_valid
+    cd = compute_dtype(ls)
+    W = W.to(cd)
+    drop = (W == 0).any(0).tolist()  # models with a zero weight somewhere
+    out = torch.empty(R, V, dtype=cd, device=ls[0].device)
+    if nv < V:
+        out[:, nv:] = float("-inf")
+    for r0, r1 in _row_chunks(R, nv):
+        w = W[r0:r1] if W.shape[0] > 1 else W
+        q = None
+        for k, l in enumerate(ls):
+            p = _probs(l[r0:r1, :nv], w[:, k:k + 1], drop[k], cd)
+            q = p.mul_(w[:, k:k + 1]) if q is None else q.addcmul_(p, w[:, k:k + 1])
+        o = out[r0:r1, :nv]
+        torch.log(q, out=o)
+        small = q < _tiny(cd)  # NaN compares False: NaN rows stay NaN
+        if bool(small.any()):
+            rows, cols = small.nonzero(as_tuple=True)
+            o[rows, cols] = _log_terms(ls, W, rows, cols, r0, nv, cd)[2]
+    return out, None
+
+
+def backward(ls, W: torch.Tensor, saved, g: torch.Tensor, n_valid: int | None,
+             need_w: bool):
+    R, V = ls[0].shape
+    nv = V if n_valid is None else n_valid
+    cd = compute_dtype(ls)
+    K = len(ls)
+    W = W.to(cd)
+    drop = (W == 0).any(0).tolist()
+    grads = [torch.zeros(R, V, dtype=l.dtype, device=l.device) for l in ls]
+    gW = torch.zeros(R, K, dtype=cd, device=W.device)
+    for r0, r1 in _row_chunks(R, nv):
+        w = W[r0:r1] if W.shape[0] > 1 else W
+        ps = [_probs(l[r0:r1, :nv], w[:, k:k + 1], drop[k], cd) for k, l in enumerate(ls)]
+        q = ps[0] * w[:, 0:1]
+        for k in range(1, K):
+            q.addcmul_(ps[k], w[:, k:k + 1])
+        gc = g[r0:r1, :nv].to(cd)
+        small = q < _tiny(cd)
+        h = torch.div(gc, q, out=q)  # h = g / q, reusing q's memory
+        fix = bool(small.any())
+        if fix:  # those elements are summed in the log domain below
+            h.masked_fill_(small, 0.0)
+        # d_k = sum_j h_j p_kj as a batched dot product (no [rows, V] temporary)
+        d = torch.stack([torch.bmm(p.unsqueeze(1), h.unsqueeze(2)).view(-1) for p in ps], 1)
+        c = torch.where(w > 0, w * d, 0.0)  # c_k = sum_j g_j r_kj, r_kj = w_k p_kj / q_j
+        if fix:
+            rows, cols = small.nonzero(as_tuple=True)
+            lps, ts, o = _log_terms(ls, W, rows, cols, r0, nv, cd)
+            gs = gc[rows, cols]
+            rs = []
+            for k in range(K):
+                r = torch.where(ts[k] == float("-inf"), 0.0, torch.exp(ts[k] - o))
+                e = torch.where((lps[k] == float("-inf")) | torch.isnan(lps[k]) | (gs == 0),
+                                0.0, torch.exp(lps[k] - o))
+                d[:, k].index_add_(0, rows, gs * e)
+                c[:, k].index_add_(0, rows, gs * r)
+                rs.append(gs * r)
+        for k in range(K):
+            # grad l_k = g r_k - p_k c_k = p_k (w_k h - c_k), with g r_k added where q is tiny
+            t = torch.mul(h, w[:, k:k + 1]).sub_(c[:, k:k + 1]).mul_(ps[k])
+            if fix:
+                t.index_put_((rows, cols), rs[k], accumulate=True)
+            grads[k][r0:r1, :nv] = t
+        gW[r0:r1] = d
+    if not need_w:
+        return grads, None
+    return grads, (gW if W.shape[0] > 1 else gW.sum(0, keepdim=True))

@@ -1,0 +1,222 @@
+"""Reading safetensors files with positioned reads: a validated header, whole tensors, and
+only the pages of a tensor that hold chosen elements.
+
+A safetensors file is an 8-byte little-endian header length N, N bytes of JSON (per tensor:
+dtype, shape, data_offsets relative to the end of the header; optional `__metadata__`), then
+the tensor bytes back to back. Everything here is read with `os.pread` on a plain file
+descriptor, never through mmap: a page fault on a mapped file makes the kernel read ahead
+megabytes, while a positioned read with POSIX_FADV_RANDOM brings in only the pages asked for.
+That is what lets a merge read the few percent of the other model that it selects.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+# Header lengths beyond this are not a real header (the format's own limit is 100 MB).
+MAX_HEADER = 100 * 1024 * 1024
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lies in its file: absolute byte offset, length, dtype and shape."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute, from the start of the file
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def itemsize(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    def meta(self) -> torch.Tensor:
+        """A tensor on the meta device with this dtype and shape (for validation helpers
+        that take tensors, without reading any data)."""
+        return torch.empty(self.shape, dtype=self.dtype, device="meta")
+
+
+def parse_header(path: Path, raw: bytes, file_size: int) -> tuple[dict[str, TensorInfo], dict]:
+    """Validate a safetensors header (the JSON after the 8-byte length) against the file
+    size; return {name: TensorInfo} in file order and the `__metadata__` dict.
+
+    Raises CheckpointError naming the file and tensor for anything a reader could trip on:
+    bad JSON, unknown dtype, a byte length that does not match the shape, overlapping or
+    out-of-file offsets, a file shorter than its header says (truncated)."""
+    data_start = 8 + len(raw)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: corrupt safetensors header (not JSON: {err}); "
+                              "expected a safetensors file") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    infos: list[TensorInfo] = []
+    for name, entry in header.items():
+        where = f"{path}: tensor {name!r}"
+        try:
+            dtype_name, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise CheckpointError(f"{where}: corrupt header entry {entry!r}; expected dtype, "
+                                  "shape and data_offsets") from None
+        if dtype_name not in DTYPES:
+            raise CheckpointError(f"{where}: unknown dtype {dtype_name!r}; expected one of "
+                                  f"{sorted(DTYPES)}")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+                and isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
+            raise CheckpointError(f"{where}: corrupt shape {shape!r} or data_offsets "
+                                  f"{[begin, end]!r}")
+        dtype = DTYPES[dtype_name]
+        info = TensorInfo(name, dtype, tuple(shape), data_start + begin, end - begin)
+        if info.numel * info.itemsize != info.nbytes:
+            raise CheckpointError(f"{where}: data_offsets span {info.nbytes} bytes but "
+                                  f"{dtype_name} {list(shape)} needs "
+                                  f"{info.numel * info.itemsize}; the file is corrupt")
+        infos.append(info)
+    infos.sort(key=lambda i: (i.offset, i.nbytes))
+    pos = data_start
+    for info in infos:
+        if info.offset < pos:
+            raise CheckpointError(f"{path}: tensor {info.name!r} overlaps the previous tensor "
+                                  "or the header; the file is corrupt")
+        pos = info.offset + info.nbytes
+    if pos > file_size:
+        last = infos[-1].name if infos else "(header)"
+        raise CheckpointError(f"{path}: truncated: tensor {last!r} ends at byte {pos} but the "
+                              f"file has {file_size} bytes; expected a complete safetensors "
+                              "file (re-download or re-save it)")
+    return {i.name: i for i in infos}, metadata
+
+
+class SafetensorsReader:
+    """One open safetensors file, read with positioned reads and a byte counter.
+
+    `pattern="sequential"` (the base model: read whole, in file order) or `"random"` (the
+    other model: read a few pages here and there, so the kernel must not read ahead).
+    `bytes_read` counts every byte asked of the file, the header included."""
+
+    def __init__(self, path: str | os.PathLike, pattern: str = "sequential"):
+        self.path = Path(path)
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as err:
+            raise CheckpointError(f"{self.path}: cannot open: {err.strerror}") from None
+        self.bytes_read = 0
+        try:
+            self.size = os.fstat(self.fd).st_size
+            advice = os.POSIX_FADV_RANDOM if pattern == "random" else os.POSIX_FADV_SEQUENTIAL
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(self.fd, 0, 0, advice)
+            if self.size < 8:
+                raise CheckpointError(f"{self.path}: truncated: {self.size} bytes, expected a "
+                                      "safetensors file (8-byte header length, JSON header, data)")
+            n = int.from_bytes(self.pread(8, 0), "little")
+            if n > MAX_HEADER or 8 + n > self.size:
+                raise CheckpointError(f"{self.path}: corrupt or truncated: header length {n} "
+                                      f"does not fit the file's {self.size} bytes; expected a "
+                                      "safetensors file")
+            self.header_bytes = self.pread(n, 8)
+            self.tensors, self.metadata = parse_header(self.path, self.header_bytes, self.size)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "SafetensorsReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def pread(self, n: int, offset: int) -> bytes:
+        """Exactly n bytes at offset, or CheckpointError (the file shrank under us)."""
+        data = os.pread(self.fd, n, offset)
+        self.bytes_read += len(data)
+        if len(data) != n:
+            raise CheckpointError(f"{self.path}: truncated: wanted {n} bytes at offset "
+                                  f"{offset}, got {len(data)}")
+        return data
+
+    def read_into(self, buf: torch.Tensor, offset: int) -> None:
+        """Fill the contiguous CPU tensor `buf` with its size in bytes from offset."""
+        view = memoryview(buf.view(-1).view(torch.uint8).numpy())
+        done = 0
+        while done < len(view):
+            got = os.preadv(self.fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise CheckpointError(f"{self.path}: truncated: wanted {len(view)} bytes at "
+                                      f"offset {offset}, got {done}")
+            done += got
+        self.bytes_read += done
+
+    def read_tensor(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The whole tensor `name` (a new CPU tensor, or written into `out`: contiguous,
+        same dtype and element count)."""
+        info = self.tensors[name]
+        if out is None:
+            out = torch.empty(info.shape, dtype=info.dtype)
+        if info.nbytes:
+            self.read_into(out, info.offset)
+        return out
+
+    def read_elements(self, name: str, flat_idx: torch.Tensor) -> torch.Tensor:
+        """The elements of tensor `name` at sorted row-major flat indices, reading only the
+        pages that hold them (consecutive pages in one read). Returns a 1-D tensor of the
+        tensor's dtype."""
+        info = self.tensors[name]
+        if flat_idx.numel() == 0:
+            return torch.empty(0, dtype=info.dtype)
+        size = info.itemsize
+        first = info.offset + flat_idx.to(torch.int64) * size  # absolute byte of each element
+        # Page-aligned runs covering [first, first + size): an element may straddle pages.
+        p0, p1 = first // PAGE, (first + size - 1) // PAGE
+        pages = torch.unique(torch.cat([p0, p1]))  # sorted
+        breaks = torch.nonzero(pages[1:] != pages[:-1] + 1).flatten() + 1
+        starts = torch.cat([pages[:1], pages[breaks]])
+        ends = torch.cat([pages[breaks - 1], pages[-1:]]) + 1  # exclusive
+        lo = max(info.offset, 0)
+        hi = info.offset + info.nbytes
+        run_start = (starts * PAGE).clamp(min=lo)
+        run_end = (ends * PAGE).clamp(max=hi)
+        lengths = run_end - run_start
+        # Read every run into one buffer; map each element's byte to its place there.
+        buf = torch.empty(int(lengths.sum()), dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        pos = 0
+        for s, n in zip(run_start.tolist(), lengths.tolist()):
+            data = self.pread(n, s)
+            view[pos:pos + n] = data
+            pos += n
+        buf_start = torch.cumsum(lengths, 0) - lengths  # where each run begins in buf
+        run_of = torch.searchsorted(run_start, first, right=True) - 1
+        local = first - run_start[run_of] + buf_start[run_of]
+        byte_idx = local.unsqueeze(1) + torch.arange(size)
+        return buf[byte_idx.flatten()].view(info.dtype)

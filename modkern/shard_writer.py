@@ -1,0 +1,145 @@
+"""Writing safetensors shards as a stream: the layout is planned from names, dtypes and
+shapes before any tensor exists, so each shard's header is written first and every tensor
+is appended the moment it is ready. Nothing but the tensor in hand is held in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+from .hf_checkpoint import INDEX, SINGLE
+from .safetensors_io import DTYPE_NAMES
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB', '500MB', '2GiB', 1000 -> bytes (decimal units as in transformers; *iB binary)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(text).upper())
+    if not m:
+        raise CheckpointError(f"max shard size {text!r}: expected a size such as '5GB', "
+                              "'500MB' or a number of bytes")
+    unit = m.group(2).rstrip("B") or ""
+    base = 1024 if unit.endswith("I") else 1000
+    power = " KMGT".index(unit[:1] or " ")
+    size = int(float(m.group(1)) * base ** power)
+    if size <= 0:
+        raise CheckpointError(f"max shard size {text!r}: expected a positive size")
+    return size
+
+
+@dataclass
+class PlannedTensor:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass
+class Shard:
+    file: str
+    tensors: list[PlannedTensor] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def header(self) -> bytes:
+        """The shard's safetensors header (length prefix included), padded with spaces so
+        the data starts 8-byte aligned."""
+        entries: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        pos = 0
+        for t in self.tensors:
+            entries[t.name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                               "data_offsets": [pos, pos + t.nbytes]}
+            pos += t.nbytes
+        raw = json.dumps(entries, separators=(",", ":")).encode()
+        raw += b" " * (-(8 + len(raw)) % 8)
+        return len(raw).to_bytes(8, "little") + raw
+
+
+def plan_shards(tensors: list[PlannedTensor], max_shard_size: int) -> list[Shard]:
+    """Fill shards in order up to max_shard_size bytes (a bigger tensor gets its own);
+    one shard is named model.safetensors, several model-0000i-of-0000n.safetensors."""
+    shards: list[Shard] = [Shard("")]
+    for t in tensors:
+        if shards[-1].tensors and shards[-1].nbytes + t.nbytes > max_shard_size:
+            shards.append(Shard(""))
+        shards[-1].tensors.append(t)
+    n = len(shards)
+    for i, s in enumerate(shards, 1):
+        s.file = SINGLE if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+    return shards
+
+
+class ShardWriter:
+    """Writes planned shards into `folder`, tensor by tensor, in plan order."""
+
+    def __init__(self, folder: Path, shards: list[Shard]):
+        self.folder = folder
+        self.shards = shards
+        self._order = [(i, t) for i, s in enumerate(shards) for t in s.tensors]
+        self._next = 0
+        self._file = None
+        self._shard = -1
+        self.bytes_written = 0
+
+    def _open(self, i: int) -> None:
+        self._close()
+        self._file = open(self.folder / self.shards[i].file, "wb")
+        self._file.write(self.shards[i].header())
+        self._shard = i
+
+    def _close(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next planned tensor (must come in plan order, with its dtype/shape)."""
+        i, planned = self._order[self._next]
+        if name != planned.name or tensor.dtype != planned.dtype or \
+                tuple(tensor.shape) != planned.shape:
+            raise CheckpointError(f"internal: writing {name!r} {tensor.dtype} "
+                                  f"{list(tensor.shape)}, planned {planned.name!r} "
+                                  f"{planned.dtype} {list(planned.shape)}")
+        if i != self._shard:
+            self._open(i)
+        data = tensor.detach().to("cpu").contiguous().view(-1)
+        if data.numel():
+            self._file.write(memoryview(data.view(torch.uint8).numpy()))
+        self.bytes_written += planned.nbytes
+        self._next += 1
+
+    def finish(self) -> None:
+        """Close the last shard and write the index (when sharded); checks all were written."""
+        if self._next != len(self._order):
+            missing = self._order[self._next][1].name
+            raise CheckpointError(f"internal: tensor {missing!r} was planned but not written")
+        for i, s in enumerate(self.shards):  # shards with no tensor: header only
+            if not s.tensors and i != self._shard:
+                self._open(i)
+        self._close()
+        if len(self.shards) > 1:
+            index = {"metadata": {"total_size": sum(s.nbytes for s in self.shards)},
+                     "weight_map": {t.name: s.file for s in self.shards for t in s.tensors}}
+            (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -1,0 +1,49 @@
+"""Tiny models and a character-level tokenizer, built locally (no downloads), for the demo
+and the tests: real transformers classes with random, seeded weights."""
+
+from __future__ import annotations
+
+import torch
+
+SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>")
+
+
+def char_tokenizer(alphabet: str):
+    """A `PreTrainedTokenizerFast` with one token per character of `alphabet`, after the
+    special tokens <pad> (id 0), <eos> (1) and <unk> (2). Decoding concatenates characters."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for ch in dict.fromkeys(alphabet):  # first occurrence order, no duplicates
+        vocab[ch] = len(vocab)
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>",
+                                   eos_token="<eos>", unk_token="<unk>")
+
+
+def tiny_causal_lm(vocab_size: int, *, arch: str = "qwen2", hidden: int = 64,
+                   layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                   intermediate: int | None = None, max_positions: int = 128,
+                   seed: int = 0, eos_token_id: int = 1, pad_token_id: int = 0):
+    """A randomly initialised (seeded) Qwen2 or Llama causal LM of the given size, float32,
+    in eval mode."""
+    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
+
+    classes = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}
+    if arch not in classes:
+        raise ValueError(f"tiny_causal_lm: arch must be one of {sorted(classes)}, got {arch!r}")
+    config_cls, model_cls = classes[arch]
+    config = config_cls(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=heads, num_key_value_heads=kv_heads,
+                        intermediate_size=intermediate or 2 * hidden,
+                        max_position_embeddings=max_positions, tie_word_embeddings=False,
+                        eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                        bos_token_id=eos_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_cls(config)
+    return model.float().eval()
