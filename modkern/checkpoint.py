@@ -214,7 +214,7 @@ def _merge_cuda(t1: torch.Tensor, read_other: Callable[[torch.Tensor], torch.Ten
     the number of elements taken from OTHER."""
     from .select import mod_select
 
-    g1 = t1.to(device, non_blocking=True)
+    g1 = t1.to(device)  # a synchronous copy: t1's buffer is reused for a later tensor
     flat = g1.view(-1)
     if flat.numel() == 0:
         return t1, 0

@@ -82,6 +82,8 @@ def test_paper_config_command(ckpts, tmp_path):
     ("inside", ["inside BASE"]),
     ("no-alpha", ["no alpha"]),
     ("paths", ["expected BASE OTHER OUT"]),
+    pytest.param("cuda", ["no CUDA device"], marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="a GPU is present")),
 ])
 def test_errors_are_one_line_and_write_nothing(ckpts, tmp_path, case, fragments):
     base, other, out = ckpts["qwen_a"], ckpts["qwen_b"], tmp_path / "out"
@@ -104,6 +106,8 @@ def test_errors_are_one_line_and_write_nothing(ckpts, tmp_path, case, fragments)
         out = ckpts["qwen_a"] / "merged"
     elif case == "no-alpha":
         extra = []
+    elif case == "cuda":
+        extra += ["--device", "cuda"]
     args = ["merge", base, other, out, *extra] if case != "paths" else ["merge", base, "--alpha",
                                                                          "0.9"]
     before = set(tmp_path.iterdir())
