@@ -75,17 +75,16 @@ def test_paper_config_command(ckpts, tmp_path):
 @pytest.mark.parametrize("case, fragments", [
     ("missing", ["no such folder"]),
     ("bin", ["pickled", "save_pretrained"]),
-    ("arch", ["architectures"]),
     ("keys", ["lm_head.weight", "--no-strict"]),
-    ("alpha", ["[0, 1]"]),
     ("alpha-text", ["PATTERN=NUMBER"]),
-    ("inside", ["inside BASE"]),
     ("no-alpha", ["no alpha"]),
     ("paths", ["expected BASE OTHER OUT"]),
     pytest.param("cuda", ["no CUDA device"], marks=pytest.mark.skipif(
         torch.cuda.is_available(), reason="a GPU is present")),
 ])
 def test_errors_are_one_line_and_write_nothing(ckpts, tmp_path, case, fragments):
+    """(Every kind of bad input is covered in-process by test_checkpoint_errors.py; here,
+    how the command reports a few, and the command line's own mistakes.)"""
     base, other, out = ckpts["qwen_a"], ckpts["qwen_b"], tmp_path / "out"
     extra = ["--alpha", "0.9"]
     if case == "missing":
@@ -94,16 +93,10 @@ def test_errors_are_one_line_and_write_nothing(ckpts, tmp_path, case, fragments)
         base = tmp_path / "bin"
         base.mkdir()
         torch.save({"w": torch.zeros(1)}, base / "pytorch_model.bin")
-    elif case == "arch":
-        other = ckpts["llama_b"]
     elif case == "keys":
         base = ckpts["qwen_untied"]
-    elif case == "alpha":
-        extra = ["--alpha", "1.2"]
     elif case == "alpha-text":
         extra = ["--alpha", "high"]
-    elif case == "inside":
-        out = ckpts["qwen_a"] / "merged"
     elif case == "no-alpha":
         extra = []
     elif case == "cuda":
