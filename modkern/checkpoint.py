@@ -338,6 +338,7 @@ def merge_checkpoints(base: str | os.PathLike, other: str | os.PathLike,
         writer = BackgroundWriter(ShardWriter(tmp, shards))
         bar = _progress_bar(progress, sum(s.nbytes for s in shards), len(planned))
         delay = float(os.environ.get(_SLOW_ENV, "0") or 0)
+        done = 0
         try:
             for name, t1 in _prefetched(ck1):
                 if name in plan:
@@ -352,7 +353,9 @@ def merge_checkpoints(base: str | os.PathLike, other: str | os.PathLike,
                     t1 = t1.to(out_dtype)
                 writer.write(name, t1)
                 del t1
+                done += 1
                 if bar is not None:
+                    bar.set_postfix_str(f"{done}/{len(planned)} tensors", refresh=False)
                     bar.update(writer.bytes_written - bar.n)
                 if delay:
                     time.sleep(delay)
@@ -416,7 +419,8 @@ def _progress_bar(progress: bool | None, total_bytes: int, tensors: int):
     from tqdm import tqdm
 
     return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000,
-                desc=f"merging {tensors} tensors", file=sys.stderr, dynamic_ncols=True)
+                desc="modkern merge", file=sys.stderr, dynamic_ncols=True,
+                postfix=f"0/{tensors} tensors")
 
 
 def _copy_base_files(base: Path, tmp: Path, copied: list[str],
