@@ -6,7 +6,8 @@ A merge is I/O: it must read BASE once and OTHER only where it selects. Reported
 - bytes read from each input, as modkern counts them and as the page cache saw them
   (resident pages after the merge, the input evicted before);
 - peak RSS of the merging process (it streams: about the largest tensor, never a model);
-- the time to read both inputs once, and BASE alone, cat-style (evicted first): the floor.
+- the time to read both inputs once, and BASE alone, cat-style (evicted first), and to
+  copy BASE (read + write + fsync: what any merge must at least do): the floors.
 
     pytest bench/bench_checkpoint.py --benchmark-only -s        # or
     python bench/bench_checkpoint.py                             # prints a table
@@ -84,13 +85,39 @@ def cat_seconds(files: list[Path]) -> float:
     return time.perf_counter() - start
 
 
-_CHILD = """
+def copy_seconds(files: list[Path], dst: Path) -> float:
+    """Copy files once (read in 8 MB blocks, write, fsync), from a cold page cache: the
+    floor of any merge that reads BASE and writes an output of its size."""
+    page_cache.evict_files(files)
+    buf = bytearray(8 << 20)
+    dst.mkdir()
+    start = time.perf_counter()
+    for f in files:
+        with open(f, "rb", buffering=0) as src, open(dst / f.name, "wb", buffering=0) as out:
+            while n := src.readinto(buf):
+                out.write(memoryview(buf)[:n])
+            os.fsync(out.fileno())
+    seconds = time.perf_counter() - start
+    shutil.rmtree(dst)
+    return seconds
+
+
+# The merge runs in a fresh process; its peak RSS is VmHWM (reset at exec, unlike
+# ru_maxrss, which would count the parent's memory copied by fork).
+_HWM = """
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+"""
+_CHILD = _HWM + """
 import json, sys, modkern
 r = modkern.merge_checkpoints(sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]),
                               progress=False)
-print(json.dumps({k: getattr(r, k) for k in ("tensors_merged", "elements_merged",
-      "elements_taken", "bytes_read_base", "bytes_read_other", "bytes_base", "bytes_other",
-      "seconds")}))
+out = {k: getattr(r, k) for k in ("tensors_merged", "elements_merged", "elements_taken",
+       "bytes_read_base", "bytes_read_other", "bytes_base", "bytes_other", "seconds")}
+out["peak_rss_bytes"] = hwm()
+print(json.dumps(out))
 """
 
 
@@ -99,16 +126,11 @@ def merge_in_child(base: Path, other: Path, out: Path) -> dict:
     and its peak RSS."""
     page_cache.evict_files(weight_files(base) + weight_files(other))
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(base), str(other), str(out),
-                             str(ALPHA)], stdout=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run([sys.executable, "-c", _CHILD, str(base), str(other), str(out),
+                           str(ALPHA)], stdout=subprocess.PIPE, text=True, check=True)
     wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    stdout = proc.stdout.read()
-    assert proc.returncode == 0, stdout
-    result = json.loads(stdout.strip().splitlines()[-1])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["wall_s"] = wall
-    result["peak_rss_bytes"] = usage.ru_maxrss * 1024  # Linux reports KiB
     result["other_resident_bytes"] = page_cache.resident_total(weight_files(other))
     result["base_resident_bytes"] = page_cache.resident_total(weight_files(base))
     return result
@@ -116,9 +138,9 @@ def merge_in_child(base: Path, other: Path, out: Path) -> dict:
 
 def import_rss_bytes() -> int:
     """Peak RSS of a process that only imports modkern and torch (the fixed cost)."""
-    proc = subprocess.Popen([sys.executable, "-c", "import modkern.checkpoint"])
-    _, _, usage = os.wait4(proc.pid, 0)
-    return usage.ru_maxrss * 1024
+    proc = subprocess.run([sys.executable, "-c", _HWM + "import modkern.checkpoint\n"
+                           "print(hwm())"], stdout=subprocess.PIPE, text=True, check=True)
+    return int(proc.stdout.split()[-1])
 
 
 def run_benchmark(root: Path) -> dict:
@@ -130,8 +152,10 @@ def run_benchmark(root: Path) -> dict:
     merged = merge_in_child(base, other, out)
     floor_both = cat_seconds(weight_files(base) + weight_files(other))
     floor_base = cat_seconds(weight_files(base))
+    floor_copy = copy_seconds(weight_files(base), root / "copy")
     largest = max(h * w for h, w in _shapes().values()) * 2
     return {"generate_s": gen_s, **merged, "cat_both_s": floor_both, "cat_base_s": floor_base,
+            "copy_base_s": floor_copy, "load_average": os.getloadavg()[0],
             "largest_tensor_bytes": largest, "import_rss_bytes": import_rss_bytes()}
 
 
@@ -140,10 +164,11 @@ def format_table(r: dict) -> str:
     rows = [
         ("inputs", f"2 x {r['bytes_base'] / gb:.2f} GB bf16 N(0, 0.02), alpha {ALPHA}"),
         ("merge wall time (cold cache)", f"{r['wall_s']:.1f} s "
-         f"(in-process {r['seconds']:.1f} s)"),
+         f"(in-process {r['seconds']:.1f} s; load average {r['load_average']:.1f})"),
         ("I/O floor: cat BASE + OTHER (cold)", f"{r['cat_both_s']:.1f} s "
          f"({(r['bytes_base'] + r['bytes_other']) / gb / r['cat_both_s']:.2f} GB/s)"),
         ("I/O floor: cat BASE only (cold)", f"{r['cat_base_s']:.1f} s"),
+        ("I/O floor: copy BASE, read + write + fsync (cold)", f"{r['copy_base_s']:.1f} s"),
         ("BASE read (counter / page cache)", f"{r['bytes_read_base'] / gb:.3f} GB "
          f"({r['bytes_read_base'] / r['bytes_base']:.1%}) / "
          f"{r['base_resident_bytes'] / r['bytes_base']:.1%}"),

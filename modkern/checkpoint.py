@@ -20,7 +20,8 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,7 +34,8 @@ from .hf_checkpoint import Checkpoint
 from .merge import AlphaRule, Patterns, _plan, check_keys, name_filter
 from .select import check_alpha, check_precision
 from .select_reference import select_threshold
-from .shard_writer import PlannedTensor, ShardWriter, parse_size, plan_shards
+from .shard_writer import (BackgroundWriter, PlannedTensor, ShardWriter, parse_size,
+                           plan_shards)
 
 # Files copied from BASE into the output, beside the weights (top level only).
 COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -48,8 +50,13 @@ DTYPE_ALIASES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                  "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
                  "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
                  "float64": torch.float64, "fp64": torch.float64}
-# Elements per chunk when scanning a tensor for the selected ones.
+# Scanning a tensor for its selected elements: block size of the fast (integer bits) path,
+# chunk size of the plain path.
+_BLOCK = 4096
 _CHUNK = 1 << 20
+_INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+# Buffers BASE's tensors are read into: one being read, one merged, one written.
+_RING = 3
 # Test hook: seconds to sleep after writing each tensor (lets a test kill a merge mid-way).
 _SLOW_ENV = "MODKERN_TEST_WRITE_DELAY"
 
@@ -156,10 +163,24 @@ def _nonfinite_t2(vals: torch.Tensor, idx: torch.Tensor, file: Path, name: str
 
 
 def _selected(flat: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Sorted flat indices with `flat >= v`, found chunk by chunk (a bool mask of the whole
-    tensor would cost as much memory as a bf16 copy of it)."""
-    parts = [torch.nonzero(flat[s:s + _CHUNK] >= v).flatten() + s
-             for s in range(0, flat.numel(), _CHUNK)]
+    """Sorted flat indices with `flat >= v` (flat finite).
+
+    For v > 0 (every usual alpha) the comparison runs on the raw bits viewed as integers:
+    non-negative floats order like their bits, and negative floats have negative bits. The
+    maximum of each _BLOCK-element block finds the few blocks that hold a selected element,
+    and only those are searched. Otherwise (v <= 0: most of t1 is taken) a plain scan, in
+    chunks so that no bool mask of the whole tensor is made."""
+    n = flat.numel()
+    if bool(v > 0) and flat.element_size() in _INT_VIEW:
+        as_int = _INT_VIEW[flat.element_size()]
+        bits, thr = flat.view(as_int), v.reshape(1).to(flat.dtype).view(as_int)
+        full = n // _BLOCK * _BLOCK
+        rows = bits[:full].view(-1, _BLOCK)
+        hot = torch.nonzero(rows.amax(dim=1) >= thr).flatten()
+        r, c = torch.nonzero(rows.index_select(0, hot) >= thr, as_tuple=True)
+        tail = torch.nonzero(bits[full:] >= thr).flatten() + full
+        return torch.cat([hot[r] * _BLOCK + c, tail])
+    parts = [torch.nonzero(flat[s:s + _CHUNK] >= v).flatten() + s for s in range(0, n, _CHUNK)]
     return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
 
 
@@ -193,7 +214,7 @@ def _merge_cuda(t1: torch.Tensor, read_other: Callable[[torch.Tensor], torch.Ten
     the number of elements taken from OTHER."""
     from .select import mod_select
 
-    g1 = t1.to(device, non_blocking=True)
+    g1 = t1.to(device)  # a synchronous copy: t1's buffer is reused for a later tensor
     flat = g1.view(-1)
     if flat.numel() == 0:
         return t1, 0
@@ -208,6 +229,22 @@ def _merge_cuda(t1: torch.Tensor, read_other: Callable[[torch.Tensor], torch.Ten
     g2 = torch.zeros(t1.shape, dtype=other_dtype, device=device)
     g2.view(-1)[idx.to(device)] = vals.to(device)
     return mod_select(g1, g2, alpha, precision=precision, name=name).cpu(), idx.numel()
+
+
+def _merge_tensor(name: str, t1: torch.Tensor, ck1: Checkpoint, ck2: Checkpoint, alpha: float,
+                  precision: str, device: torch.device) -> tuple[torch.Tensor, int]:
+    """Merge one tensor of BASE (read, on the CPU) with OTHER's, read only where selected.
+    Returns the merged tensor and the number of elements taken from OTHER."""
+    reader = ck2.where[name]
+
+    def read_other(idx: torch.Tensor) -> torch.Tensor:
+        return reader.read_elements(name, idx)
+
+    files = (ck1.where[name].path, reader.path)
+    if device.type == "cuda":
+        return _merge_cuda(t1, read_other, ck2.info(name).dtype, alpha, precision, files, name,
+                           device)
+    return t1, _merge_cpu(t1, read_other, alpha, precision, files, name)
 
 
 def merge_checkpoints(base: str | os.PathLike, other: str | os.PathLike,
@@ -298,27 +335,16 @@ def merge_checkpoints(base: str | os.PathLike, other: str | os.PathLike,
 
         out_p.parent.mkdir(parents=True, exist_ok=True)
         tmp = publish.temp_folder(out_p)
-        writer = ShardWriter(tmp, shards)
+        writer = BackgroundWriter(ShardWriter(tmp, shards))
         bar = _progress_bar(progress, sum(s.nbytes for s in shards), len(planned))
         delay = float(os.environ.get(_SLOW_ENV, "0") or 0)
+        done = 0
         try:
-            for name in ck1.names():
-                info = ck1.info(name)
-                t1 = ck1.where[name].read_tensor(name)
+            for name, t1 in _prefetched(ck1):
                 if name in plan:
-                    other_reader = ck2.where[name]
-
-                    def read_other(idx: torch.Tensor, r=other_reader, n=name) -> torch.Tensor:
-                        return r.read_elements(n, idx)
-
-                    files = (ck1.where[name].path, other_reader.path)
-                    if dev.type == "cuda":
-                        t1, taken = _merge_cuda(t1, read_other, ck2.info(name).dtype,
-                                                plan[name], precision, files, name, dev)
-                    else:
-                        taken = _merge_cpu(t1, read_other, plan[name], precision, files, name)
+                    t1, taken = _merge_tensor(name, t1, ck1, ck2, plan[name], precision, dev)
                     report.tensors_merged += 1
-                    report.elements_merged += info.numel
+                    report.elements_merged += t1.numel()
                     report.elements_taken += taken
                     report.taken_by_key[name] = taken
                 else:
@@ -327,7 +353,9 @@ def merge_checkpoints(base: str | os.PathLike, other: str | os.PathLike,
                     t1 = t1.to(out_dtype)
                 writer.write(name, t1)
                 del t1
+                done += 1
                 if bar is not None:
+                    bar.set_postfix_str(f"{done}/{len(planned)} tensors", refresh=False)
                     bar.update(writer.bytes_written - bar.n)
                 if delay:
                     time.sleep(delay)
@@ -353,6 +381,36 @@ def merge_checkpoints(base: str | os.PathLike, other: str | os.PathLike,
     return report
 
 
+def _prefetched(ck: Checkpoint) -> Iterator[tuple[str, torch.Tensor]]:
+    """BASE's tensors in file order, each read by a background thread while the one before
+    is merged and written (positioned reads release the GIL).
+
+    Tensors live in a ring of _RING byte buffers sized to the largest tensor, reused
+    rather than allocated per tensor (fresh memory costs a page fault per 4 KB). A yielded
+    tensor is valid until _RING - 1 more have been yielded: one is being read, one merged,
+    one written (BackgroundWriter keeps at most one write in flight)."""
+    names = ck.names()
+    largest = max((ck.info(n).nbytes for n in names), default=0)
+    ring = [torch.empty(largest, dtype=torch.uint8) for _ in range(min(_RING, len(names)))]
+
+    def target(i: int) -> torch.Tensor:
+        info = ck.info(names[i])
+        return ring[i % len(ring)][:info.nbytes].view(info.dtype).view(info.shape)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="modkern-read") as pool:
+        def read(i: int):
+            if i >= len(names):
+                return None
+            return pool.submit(ck.where[names[i]].read_tensor, names[i], target(i))
+
+        pending = read(0)
+        for i, name in enumerate(names):
+            tensor = pending.result()
+            pending = read(i + 1)
+            yield name, tensor
+            del tensor
+
+
 def _progress_bar(progress: bool | None, total_bytes: int, tensors: int):
     if progress is None:
         progress = sys.stderr.isatty()
@@ -361,7 +419,8 @@ def _progress_bar(progress: bool | None, total_bytes: int, tensors: int):
     from tqdm import tqdm
 
     return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000,
-                desc=f"merging {tensors} tensors", file=sys.stderr, dynamic_ncols=True)
+                desc="modkern merge", file=sys.stderr, dynamic_ncols=True,
+                postfix=f"0/{tensors} tensors")
 
 
 def _copy_base_files(base: Path, tmp: Path, copied: list[str],

@@ -44,7 +44,9 @@ def weight_files(folder: Path, label: str) -> tuple[list[Path], dict[str, str] |
                               f"{INDEX}, config.json)")
     if not folder.is_dir():
         raise CheckpointError(f"{label} {folder}: is a file; expected a checkpoint folder")
-    index = folder / INDEX
+    single, index = folder / SINGLE, folder / INDEX
+    if single.is_file():  # preferred when both exist, as transformers does
+        return [single], None
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
@@ -63,9 +65,6 @@ def weight_files(folder: Path, label: str) -> tuple[list[Path], dict[str, str] |
                                       f"{tensor!r} and others) is missing; expected the file "
                                       "to exist (incomplete download?)")
         return [folder / f for f in files], weight_map
-    single = folder / SINGLE
-    if single.is_file():
-        return [single], None
     pickled = _pickled_files(folder)
     if pickled:
         raise CheckpointError(f"{label} {folder}: has only pickled weights ({', '.join(pickled)}); "

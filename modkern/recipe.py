@@ -102,8 +102,9 @@ def model_card(base: Path, other: Path, recipe: dict[str, Any]) -> str:
     return (
         f"---\n{front}---\n\n"
         f"# MoD merge of {base.name} and {other.name}\n\n"
-        "This model was made with [modkern](https://arxiv.org/abs/2411.00406) by Mixture of "
-        "Distributions weight select: every weight of the base model is kept unless its "
+        "This model was made with modkern by Mixture of Distributions weight select "
+        "([MoD, arXiv 2411.00406](https://arxiv.org/abs/2411.00406)): every weight of the "
+        "base model is kept unless its "
         "min-max normalized value reaches alpha, where the other model's weight is taken.\n\n"
         f"- base (model 1): `{base}`\n- other (model 2): `{other}`\n"
         f"- rules: `{json.dumps(rules)}`\n"

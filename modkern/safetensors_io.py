@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,8 @@ import torch
 from .errors import CheckpointError
 
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+# Positioned reads in flight when reading scattered pages.
+READERS = 4
 # Header lengths beyond this are not a real header (the format's own limit is 100 MB).
 MAX_HEADER = 100 * 1024 * 1024
 
@@ -126,6 +130,7 @@ class SafetensorsReader:
         except OSError as err:
             raise CheckpointError(f"{self.path}: cannot open: {err.strerror}") from None
         self.bytes_read = 0
+        self._lock = threading.Lock()
         try:
             self.size = os.fstat(self.fd).st_size
             advice = os.POSIX_FADV_RANDOM if pattern == "random" else os.POSIX_FADV_SEQUENTIAL
@@ -165,9 +170,8 @@ class SafetensorsReader:
                                   f"{offset}, got {len(data)}")
         return data
 
-    def read_into(self, buf: torch.Tensor, offset: int) -> None:
-        """Fill the contiguous CPU tensor `buf` with its size in bytes from offset."""
-        view = memoryview(buf.view(-1).view(torch.uint8).numpy())
+    def _pread_into(self, view: memoryview, offset: int) -> None:
+        """Fill `view` with its length in bytes from offset (thread-safe)."""
         done = 0
         while done < len(view):
             got = os.preadv(self.fd, [view[done:]], offset + done)
@@ -175,7 +179,12 @@ class SafetensorsReader:
                 raise CheckpointError(f"{self.path}: truncated: wanted {len(view)} bytes at "
                                       f"offset {offset}, got {done}")
             done += got
-        self.bytes_read += done
+        with self._lock:
+            self.bytes_read += done
+
+    def read_into(self, buf: torch.Tensor, offset: int) -> None:
+        """Fill the contiguous CPU tensor `buf` with its size in bytes from offset."""
+        self._pread_into(memoryview(buf.view(-1).view(torch.uint8).numpy()), offset)
 
     def read_tensor(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """The whole tensor `name` (a new CPU tensor, or written into `out`: contiguous,
@@ -202,19 +211,25 @@ class SafetensorsReader:
         breaks = torch.nonzero(pages[1:] != pages[:-1] + 1).flatten() + 1
         starts = torch.cat([pages[:1], pages[breaks]])
         ends = torch.cat([pages[breaks - 1], pages[-1:]]) + 1  # exclusive
-        lo = max(info.offset, 0)
-        hi = info.offset + info.nbytes
-        run_start = (starts * PAGE).clamp(min=lo)
-        run_end = (ends * PAGE).clamp(max=hi)
+        run_start = (starts * PAGE).clamp(min=info.offset)  # within this tensor's bytes
+        run_end = (ends * PAGE).clamp(max=info.offset + info.nbytes)
         lengths = run_end - run_start
-        # Read every run into one buffer; map each element's byte to its place there.
+        # Read every run into one buffer (several reads in flight: a disk serves a queue of
+        # small random reads faster than one at a time); map each element's bytes there.
         buf = torch.empty(int(lengths.sum()), dtype=torch.uint8)
         view = memoryview(buf.numpy())
-        pos = 0
-        for s, n in zip(run_start.tolist(), lengths.tolist()):
-            data = self.pread(n, s)
-            view[pos:pos + n] = data
-            pos += n
+        offsets = (torch.cumsum(lengths, 0) - lengths).tolist()
+        jobs = list(zip(run_start.tolist(), lengths.tolist(), offsets))
+
+        def read_runs(part: list[tuple[int, int, int]]) -> None:
+            for s, n, pos in part:
+                self._pread_into(view[pos:pos + n], s)
+
+        if len(jobs) < 4 * READERS:
+            read_runs(jobs)
+        else:
+            with ThreadPoolExecutor(READERS, thread_name_prefix="modkern-pread") as pool:
+                list(pool.map(read_runs, [jobs[k::READERS] for k in range(READERS)]))
         buf_start = torch.cumsum(lengths, 0) - lengths  # where each run begins in buf
         run_of = torch.searchsorted(run_start, first, right=True) - 1
         local = first - run_start[run_of] + buf_start[run_of]

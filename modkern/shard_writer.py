@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,3 +144,42 @@ class ShardWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+class BackgroundWriter:
+    """A ShardWriter whose writes run on one background thread, so that writing tensor i
+    overlaps reading and merging tensor i+1 (file writes release the GIL). At most one
+    write is in flight: `write` waits for the previous one (and raises its error)."""
+
+    def __init__(self, writer: ShardWriter):
+        self.writer = writer
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="modkern-write")
+        self._pending: Future | None = None
+
+    @property
+    def bytes_written(self) -> int:
+        return self.writer.bytes_written
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self._wait()
+        self._pending = self._pool.submit(self.writer.write, name, tensor)
+
+    def finish(self) -> None:
+        try:
+            self._wait()
+            self.writer.finish()
+        finally:
+            self._pool.shutdown()
+
+    def abort(self) -> None:
+        try:
+            self._wait()
+        except BaseException:  # noqa: BLE001 - already failing; the first error wins
+            pass
+        self._pool.shutdown()
+        self.writer.abort()

@@ -178,3 +178,48 @@ def test_paper_config_errors(ckpts, tmp_path, monkeypatch, text, match):
     cfg.write_text(text)
     with pytest.raises(modkern.ModkernError, match=match):
         load_paper_config(cfg)
+
+
+def test_other_in_another_dtype(tmp_path):
+    """OTHER stored in float32, BASE in bf16: OTHER's elements are read at their own width
+    and rounded to BASE's dtype, as merge_state_dicts does."""
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(5)
+    sd1 = {"w": (torch.randn(300, 70, generator=g) * 0.02).to(torch.bfloat16)}
+    sd2 = {"w": torch.randn(300, 70, generator=g) * 0.02}
+    for name, sd in (("base", sd1), ("other", sd2)):
+        (tmp_path / name).mkdir()
+        save_file(sd, str(tmp_path / name / "model.safetensors"))
+    merge_checkpoints(tmp_path / "base", tmp_path / "other", tmp_path / "out", 0.6,
+                      progress=False)
+    got = load_folder(tmp_path / "out")["w"]
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, merge_state_dicts(sd1, sd2, 0.6)["w"])
+
+
+def test_gpu_route_logic_on_cpu(ckpts):
+    """The --device cuda route (indices, scattered t2, modkern.mod_select) run with CPU
+    tensors: it must agree with the CPU route. (No GPU here; on one, the same code runs
+    the Triton kernels.)"""
+    from modkern.checkpoint import _merge_cpu, _merge_cuda
+    from modkern.hf_checkpoint import Checkpoint
+    with Checkpoint(ckpts["llama_a"], "BASE") as c1, Checkpoint(ckpts["llama_b"], "OTHER") as c2:
+        for name in c1.names():
+            r2 = c2.where[name]
+
+            def read(idx, r2=r2, name=name):
+                return r2.read_elements(name, idx)
+
+            for alpha, precision in ((0.9, "exact"), (0.3, "reference")):
+                t1 = c1.where[name].read_tensor(name)
+                files = (c1.where[name].path, r2.path)
+                via_select, taken = _merge_cuda(t1.clone(), read, c2.info(name).dtype, alpha,
+                                                precision, files, name, torch.device("cpu"))
+                direct = t1.clone()
+                assert _merge_cpu(direct, read, alpha, precision, files, name) == taken
+                assert torch.equal(via_select, direct), name
+
+
+def test_public_names():
+    assert modkern.merge_checkpoints is merge_checkpoints
+    assert "MergeReport" in dir(modkern)

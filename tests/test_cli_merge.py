@@ -29,7 +29,7 @@ def test_merge_command(ckpts, tmp_path):
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("modkern merge: merged 26 tensors")
     assert "OTHER" in lines[0] and str(out) in lines[0]
-    assert "merging" not in r.stderr  # no progress bar when stderr is not a terminal
+    assert "tensors" not in r.stderr  # no progress bar when stderr is not a terminal
     expected = merge_state_dicts(load_folder(ckpts["qwen_a"]), load_folder(ckpts["qwen_b"]), 0.9)
     got = load_folder(out)
     assert all(torch.equal(got[k], t) for k, t in expected.items())
@@ -75,15 +75,16 @@ def test_paper_config_command(ckpts, tmp_path):
 @pytest.mark.parametrize("case, fragments", [
     ("missing", ["no such folder"]),
     ("bin", ["pickled", "save_pretrained"]),
-    ("arch", ["architectures"]),
     ("keys", ["lm_head.weight", "--no-strict"]),
-    ("alpha", ["[0, 1]"]),
     ("alpha-text", ["PATTERN=NUMBER"]),
-    ("inside", ["inside BASE"]),
     ("no-alpha", ["no alpha"]),
     ("paths", ["expected BASE OTHER OUT"]),
+    pytest.param("cuda", ["no CUDA device"], marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="a GPU is present")),
 ])
 def test_errors_are_one_line_and_write_nothing(ckpts, tmp_path, case, fragments):
+    """(Every kind of bad input is covered in-process by test_checkpoint_errors.py; here,
+    how the command reports a few, and the command line's own mistakes.)"""
     base, other, out = ckpts["qwen_a"], ckpts["qwen_b"], tmp_path / "out"
     extra = ["--alpha", "0.9"]
     if case == "missing":
@@ -92,18 +93,14 @@ def test_errors_are_one_line_and_write_nothing(ckpts, tmp_path, case, fragments)
         base = tmp_path / "bin"
         base.mkdir()
         torch.save({"w": torch.zeros(1)}, base / "pytorch_model.bin")
-    elif case == "arch":
-        other = ckpts["llama_b"]
     elif case == "keys":
         base = ckpts["qwen_untied"]
-    elif case == "alpha":
-        extra = ["--alpha", "1.2"]
     elif case == "alpha-text":
         extra = ["--alpha", "high"]
-    elif case == "inside":
-        out = ckpts["qwen_a"] / "merged"
     elif case == "no-alpha":
         extra = []
+    elif case == "cuda":
+        extra += ["--device", "cuda"]
     args = ["merge", base, other, out, *extra] if case != "paths" else ["merge", base, "--alpha",
                                                                          "0.9"]
     before = set(tmp_path.iterdir())
@@ -180,7 +177,7 @@ def test_sigterm_cleans_up(ckpts, tmp_path):
 def test_progress_bar_when_asked(ckpts, tmp_path, capsys):
     merge_checkpoints(ckpts["qwen_a"], ckpts["qwen_b"], tmp_path / "out", 0.9, progress=True)
     err = capsys.readouterr().err
-    assert "merging 26 tensors" in err and "100%" in err
+    assert "26/26 tensors" in err and "100%" in err
 
 
 def test_help_lists_every_option():
