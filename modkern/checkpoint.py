@@ -34,6 +34,7 @@ from .hf_checkpoint import Checkpoint
 from .merge import AlphaRule, Patterns, _plan, check_keys, name_filter
 from .select import check_alpha, check_precision
 from .select_reference import select_threshold
+from .select_torch import selected_indices
 from .shard_writer import (BackgroundWriter, PlannedTensor, ShardWriter, parse_size,
                            plan_shards)
 
@@ -50,11 +51,6 @@ DTYPE_ALIASES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                  "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
                  "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
                  "float64": torch.float64, "fp64": torch.float64}
-# Scanning a tensor for its selected elements: block size of the fast (integer bits) path,
-# chunk size of the plain path.
-_BLOCK = 4096
-_CHUNK = 1 << 20
-_INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 # Buffers BASE's tensors are read into: one being read, one merged, one written.
 _RING = 3
 # Test hook: seconds to sleep after writing each tensor (lets a test kill a merge mid-way).
@@ -162,28 +158,6 @@ def _nonfinite_t2(vals: torch.Tensor, idx: torch.Tensor, file: Path, name: str
                           "OTHER's weight; expected finite weights")
 
 
-def _selected(flat: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Sorted flat indices with `flat >= v` (flat finite).
-
-    For v > 0 (every usual alpha) the comparison runs on the raw bits viewed as integers:
-    non-negative floats order like their bits, and negative floats have negative bits. The
-    maximum of each _BLOCK-element block finds the few blocks that hold a selected element,
-    and only those are searched. Otherwise (v <= 0: most of t1 is taken) a plain scan, in
-    chunks so that no bool mask of the whole tensor is made."""
-    n = flat.numel()
-    if bool(v > 0) and flat.element_size() in _INT_VIEW:
-        as_int = _INT_VIEW[flat.element_size()]
-        bits, thr = flat.view(as_int), v.reshape(1).to(flat.dtype).view(as_int)
-        full = n // _BLOCK * _BLOCK
-        rows = bits[:full].view(-1, _BLOCK)
-        hot = torch.nonzero(rows.amax(dim=1) >= thr).flatten()
-        r, c = torch.nonzero(rows.index_select(0, hot) >= thr, as_tuple=True)
-        tail = torch.nonzero(bits[full:] >= thr).flatten() + full
-        return torch.cat([hot[r] * _BLOCK + c, tail])
-    parts = [torch.nonzero(flat[s:s + _CHUNK] >= v).flatten() + s for s in range(0, n, _CHUNK)]
-    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
-
-
 def _merge_cpu(t1: torch.Tensor, read_other: Callable[[torch.Tensor], torch.Tensor],
                alpha: float, precision: str, files: tuple[Path, Path], name: str) -> int:
     """Patch t1 (contiguous, CPU) in place with OTHER's elements where selected; return how
@@ -196,7 +170,7 @@ def _merge_cpu(t1: torch.Tensor, read_other: Callable[[torch.Tensor], torch.Tens
     if not bool(torch.isfinite(mn) & torch.isfinite(mx)):
         raise _nonfinite_t1(flat, files[0], name)
     v = select_threshold(mn, mx, alpha, precision)
-    idx = _selected(flat, v)
+    idx = selected_indices(flat, v)
     vals = read_other(idx).to(flat.dtype)
     if not bool(torch.isfinite(vals).all()):
         raise _nonfinite_t2(vals, idx, files[1], name)

@@ -96,6 +96,16 @@ def patch_indices(dst: torch.Tensor, t2: torch.Tensor, idx: torch.Tensor,
     return idx.numel(), -1
 
 
+def selected_indices(flat: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Sorted flat indices of the elements of the contiguous 1-D `flat` that are >= v,
+    found block-wise as `patch_selected` finds them (the checkpoint merge reads OTHER at
+    exactly these)."""
+    v = v.reshape(1).to(flat.dtype)
+    parts = [selected_in_blocks(flat, v, group)
+             for group in hot_blocks(flat, v).split(HOT_GROUP)]
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64, device=flat.device)
+
+
 def selected_in_blocks(flat: torch.Tensor, v: torch.Tensor,
                        blocks: torch.Tensor) -> torch.Tensor:
     """Flat indices of the elements >= v inside the given (sorted) blocks of `flat`."""
