@@ -40,6 +40,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from modkern import page_cache
+
 SMALL = os.environ.get("MODKERN_BENCH_SMALL") == "1"
 ALPHA = 0.9
 HIDDEN, INTER, LAYERS, VOCAB = (64, 160, 2, 256) if SMALL else (2048, 5632, 20, 32000)
@@ -111,12 +113,7 @@ def weight_files(folder: Path) -> list[Path]:
 def evict(files: list[Path]) -> None:
     """Drop the files' clean pages from the page cache, so the next read goes to disk."""
     for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        page_cache.evict(f)
 
 
 def run_cold(cmd: list[str], inputs: list[Path]) -> dict:

@@ -19,9 +19,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from .errors import AlphaError, CheckpointError
+from .recipe import read_mapping
 from .select import check_alpha
 
 
@@ -45,15 +44,7 @@ def _local(path: str, cfg: Path, key: str) -> Path:
 def load_paper_config(path: str | Path) -> PaperConfig:
     """Read a released-code config file; CheckpointError/AlphaError name what is wrong."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise CheckpointError(f"config {path}: cannot read: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        raise CheckpointError(f"config {path}: not YAML ({err})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"config {path}: expected a mapping with keys base_model, "
-                              "experts, weights")
+    data = read_mapping(path, "config", "keys base_model, experts, weights")
     experts, weights = data.get("experts"), data.get("weights")
     if not isinstance(experts, list) or len(experts) != 2 or not all(
             isinstance(e, dict) and isinstance(e.get("source_model"), str) for e in experts):

@@ -68,20 +68,27 @@ def write_recipe(folder: Path, recipe: dict[str, Any]) -> None:
     (folder / RECIPE).write_text(text, encoding="utf-8")
 
 
+def read_mapping(path: Path, what: str, expected: str) -> dict:
+    """A YAML (or JSON) file that must hold a mapping; CheckpointError naming the file,
+    `what` it is and the `expected` keys otherwise."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise CheckpointError(f"{what} {path}: cannot read: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise CheckpointError(f"{what} {path}: not YAML/JSON ({err}); expected a mapping "
+                              f"with {expected}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{what} {path}: expected a mapping with {expected}; got "
+                              f"{type(data).__name__}")
+    return data
+
+
 def load_rules(path: str | Path) -> dict[str, Any]:
     """The rule keys of a recipe file (YAML or JSON): alpha (float or pattern mapping),
     include, exclude, precision, strict, dtype. Other keys are ignored."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise CheckpointError(f"recipe {path}: cannot read: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        raise CheckpointError(f"recipe {path}: not YAML/JSON ({err}); expected a mapping "
-                              "with keys such as alpha, include, exclude") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"recipe {path}: expected a mapping with keys such as alpha, "
-                              f"include, exclude; got {type(data).__name__}")
+    data = read_mapping(path, "recipe", "keys such as alpha, include, exclude")
     rules = {k: data[k] for k in RULE_KEYS if k in data}
     alpha = rules.get("alpha")
     if isinstance(alpha, bool) or (alpha is not None and
