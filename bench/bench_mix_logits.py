@@ -1,6 +1,7 @@
 """mix_logits against its peers, side by side in one run (DESIGN.md 4).
 
     pytest bench/bench_mix_logits.py --benchmark-only            # full shapes
+    MODKERN_BENCH_THREADS=1 pytest bench/bench_mix_logits.py --benchmark-only  # one thread
     MODKERN_BENCH_SMALL=1 pytest bench/bench_mix_logits.py       # tiny shapes, no compile
 
 Peers on the same inputs (alpha = 0.3, V = 151,936, Qwen2.5's head):
@@ -35,6 +36,10 @@ import torch
 import modkern
 
 SMALL = os.environ.get("MODKERN_BENCH_SMALL", "0") not in ("", "0")
+# MODKERN_BENCH_THREADS=1 pins every peer to one CPU thread: on a machine whose cores are
+# shared with other jobs, OpenMP's barriers make multi-threaded timings mostly noise.
+if os.environ.get("MODKERN_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["MODKERN_BENCH_THREADS"]))
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 V = 1000 if SMALL else 151_936

@@ -180,10 +180,12 @@ def backward(ls, W: torch.Tensor, saved, g: torch.Tensor, n_valid: int | None,
                 rs.append(gs * r)
         for k in range(K):
             # grad l_k = g r_k - p_k c_k = p_k (w_k h - c_k), with g r_k added where q is tiny
-            torch.mul(h, w[:, k:k + 1], out=t).sub_(c[:, k:k + 1]).mul_(ps[k])
+            torch.mul(h, w[:, k:k + 1], out=t).sub_(c[:, k:k + 1])
             if fix:
-                t.index_put_((rows, cols), rs[k], accumulate=True)
-            grads[k][r0:r1, :nv].copy_(t)
+                t.mul_(ps[k]).index_put_((rows, cols), rs[k], accumulate=True)
+                grads[k][r0:r1, :nv].copy_(t)
+            else:  # the last product goes straight into the gradient (rounded once)
+                torch.mul(t, ps[k], out=grads[k][r0:r1, :nv])
         gW[r0:r1] = d
     if not need_w:
         return grads, None
