@@ -18,6 +18,7 @@ import numbers
 from collections.abc import Sequence
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import mix_torch
 from .backends import kernel_module, resolve_backend
@@ -237,6 +238,7 @@ class _MixFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the fused backward is not itself differentiable
     def backward(ctx, g):
         W, *rest = ctx.saved_tensors
         saved = rest.pop() if ctx.has_saved else None

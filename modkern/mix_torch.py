@@ -30,6 +30,7 @@ ls: K tensors [R, V]; W: weights [R or 1, K]; columns >= n_valid count as -inf.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 
@@ -50,15 +51,32 @@ def _tiny(cd: torch.dtype) -> float:
 _softmax_out = torch.ops.aten._softmax.out  # softmax into a given buffer
 
 
+_local = threading.local()
+
+
+def _workspace(numel: int, cd: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A flat buffer of numel elements. On the CPU it is kept per thread between calls
+    (at most (K + 3) chunks: a few MB): blocks this large go back to the OS when freed,
+    and touching fresh ones again costs a page fault per 4 KB, more than the arithmetic
+    of a decoding step."""
+    if device.type != "cpu":
+        return torch.empty(numel, dtype=cd, device=device)  # the caching allocator reuses
+    cache = _local.__dict__.setdefault("buffers", {})
+    buf = cache.get(cd)
+    if buf is None or buf.numel() < numel:
+        buf = cache[cd] = torch.empty(numel, dtype=cd)
+    return buf[:numel]
+
+
 class _Scratch:
-    """`n` float buffers of one row chunk, reused chunk after chunk. Fresh [rows, V]
-    temporaries would cost a page fault per 4 KB on every chunk (the allocator returns
-    blocks this large to the OS), which on a CPU costs more than the arithmetic."""
+    """`n` float buffers of one row chunk, reused chunk after chunk (and call after call
+    on the CPU, see _workspace)."""
 
     def __init__(self, rows: int, width: int, cd: torch.dtype, device, n: int):
         self.step = max(1, min(rows, CHUNK // max(width, 1)))
         self.rows = rows
-        self.bufs = [torch.empty(self.step, width, dtype=cd, device=device) for _ in range(n)]
+        flat = _workspace(n * self.step * width, cd, torch.device(device))
+        self.bufs = list(flat.view(n, self.step, width).unbind(0))
 
     def chunks(self):
         """(r0, r1, buffers cut to the chunk's rows) for every row chunk."""
