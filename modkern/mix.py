@@ -18,6 +18,7 @@ import numbers
 from collections.abc import Sequence
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import mix_torch
 from .backends import kernel_module, resolve_backend
@@ -207,7 +208,7 @@ def _mix(ls: list[torch.Tensor], weights: list[Weight], backend: str, vocab: str
     keep = [k for k, w in enumerate(weights) if isinstance(w, torch.Tensor) or w > 0]
     ls, weights = [ls[k] for k in keep], [weights[k] for k in keep]  # w = 0: model unused
     W = _weights_matrix(weights, lead, cd, ls[0].device)
-    if len(ls) == 1:  # one model left with weight 1: exactly its log_softmax
+    if len(ls) == 1 and not isinstance(weights[0], torch.Tensor):  # one model, weight 1
         return _log_softmax(ls[0], cd, n_valid)
     flat = [t.reshape(-1, V) for t in ls]
     if engine is not mix_torch:
@@ -237,6 +238,7 @@ class _MixFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the fused backward is not itself differentiable
     def backward(ctx, g):
         W, *rest = ctx.saved_tensors
         saved = rest.pop() if ctx.has_saved else None

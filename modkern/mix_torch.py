@@ -29,6 +29,9 @@ ls: K tensors [R, V]; W: weights [R or 1, K]; columns >= n_valid count as -inf.
 
 from __future__ import annotations
 
+import math
+import threading
+
 import torch
 
 # Elements per chunk temporary: 4 of them (float32) should sit in a core's L2 (4 MiB here).
@@ -45,19 +48,60 @@ def _tiny(cd: torch.dtype) -> float:
     return 1e-30 if cd == torch.float32 else 1e-290
 
 
-def _row_chunks(rows: int, width: int, chunk: int = CHUNK):
-    step = max(1, min(rows, chunk // max(width, 1)))
-    for r0 in range(0, rows, step):
-        yield r0, min(rows, r0 + step)
+_softmax_out = torch.ops.aten._softmax.out  # softmax into a given buffer
 
 
-def _probs(l: torch.Tensor, wk: torch.Tensor, drop: bool, cd: torch.dtype) -> torch.Tensor:
-    """softmax(l) in cd. A row of weight 0 is dropped from the mixture, so a NaN row
-    there (all -inf, NaN or +inf inside: softmax makes the whole row NaN) is set to 0."""
-    p = torch.softmax(l, dim=-1, dtype=cd)
+_local = threading.local()
+
+
+def _workspace(numel: int, cd: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A flat buffer of numel elements. On the CPU it is kept per thread between calls
+    (at most (K + 3) chunks: a few MB): blocks this large go back to the OS when freed,
+    and touching fresh ones again costs a page fault per 4 KB, more than the arithmetic
+    of a decoding step."""
+    if device.type != "cpu":
+        return torch.empty(numel, dtype=cd, device=device)  # the caching allocator reuses
+    cache = _local.__dict__.setdefault("buffers", {})
+    buf = cache.get(cd)
+    if buf is None or buf.numel() < numel:
+        buf = cache[cd] = torch.empty(numel, dtype=cd)
+    return buf[:numel]
+
+
+class _Scratch:
+    """`n` float buffers of one row chunk, reused chunk after chunk (and call after call
+    on the CPU, see _workspace)."""
+
+    def __init__(self, rows: int, width: int, cd: torch.dtype, device, n: int):
+        self.step = max(1, min(rows, CHUNK // max(width, 1)))
+        self.rows = rows
+        flat = _workspace(n * self.step * width, cd, torch.device(device))
+        self.bufs = list(flat.view(n, self.step, width).unbind(0))
+
+    def chunks(self):
+        """(r0, r1, buffers cut to the chunk's rows) for every row chunk."""
+        for r0 in range(0, self.rows, self.step):
+            r1 = min(self.rows, r0 + self.step)
+            yield r0, r1, [b[:r1 - r0] for b in self.bufs]
+
+
+def _softmax_into(dst: torch.Tensor, l: torch.Tensor, conv: torch.Tensor, wk: torch.Tensor,
+                  drop: bool) -> torch.Tensor:
+    """dst = softmax(l) over the last dim in dst's dtype (bf16/fp16 converted exactly via
+    `conv` first). A row of weight 0 is dropped from the mixture, so a NaN row there (all
+    -inf, NaN or +inf inside: softmax makes the whole row NaN) is set to 0."""
+    if l.dtype != dst.dtype:
+        l = conv.copy_(l)
+    _softmax_out(l, -1, False, out=dst)
     if drop:
-        p.masked_fill_((wk == 0) & torch.isnan(p[:, :1]), 0.0)
-    return p
+        dst.masked_fill_((wk == 0) & torch.isnan(dst[:, :1]), 0.0)
+    return dst
+
+
+def _needs_fix(x: torch.Tensor, floor: float) -> bool:
+    """True when some element of x may be below floor (one cheap min; NaN: look closer)."""
+    lo = float(x.amin())
+    return not lo >= floor
 
 
 def _log_terms(ls, W, rows, cols, r0, nv, cd):
@@ -82,21 +126,26 @@ def forward(ls, W: torch.Tensor, n_valid: int | None):
     cd = compute_dtype(ls)
     W = W.to(cd)
     drop = (W == 0).any(0).tolist()  # models with a zero weight somewhere
+    tiny = _tiny(cd)
     out = torch.empty(R, V, dtype=cd, device=ls[0].device)
     if nv < V:
         out[:, nv:] = float("-inf")
-    for r0, r1 in _row_chunks(R, nv):
+    scratch = _Scratch(R, nv, cd, ls[0].device, 3)
+    for r0, r1, (q, p, conv) in scratch.chunks():
         w = W[r0:r1] if W.shape[0] > 1 else W
-        q = None
         for k, l in enumerate(ls):
-            p = _probs(l[r0:r1, :nv], w[:, k:k + 1], drop[k], cd)
-            q = p.mul_(w[:, k:k + 1]) if q is None else q.addcmul_(p, w[:, k:k + 1])
+            wk = w[:, k:k + 1]
+            if k == 0:
+                _softmax_into(q, l[r0:r1, :nv], conv, wk, drop[k]).mul_(wk)
+            else:
+                q.addcmul_(_softmax_into(p, l[r0:r1, :nv], conv, wk, drop[k]), wk)
         o = out[r0:r1, :nv]
         torch.log(q, out=o)
-        small = q < _tiny(cd)  # NaN compares False: NaN rows stay NaN
-        if bool(small.any()):
-            rows, cols = small.nonzero(as_tuple=True)
-            o[rows, cols] = _log_terms(ls, W, rows, cols, r0, nv, cd)[2]
+        if _needs_fix(o, math.log(tiny)):
+            small = q < tiny  # NaN compares False: NaN rows stay NaN
+            if bool(small.any()):
+                rows, cols = small.nonzero(as_tuple=True)
+                o[rows, cols] = _log_terms(ls, W, rows, cols, r0, nv, cd)[2]
     return out, None
 
 
@@ -108,18 +157,28 @@ def backward(ls, W: torch.Tensor, saved, g: torch.Tensor, n_valid: int | None,
     K = len(ls)
     W = W.to(cd)
     drop = (W == 0).any(0).tolist()
-    grads = [torch.zeros(R, V, dtype=l.dtype, device=l.device) for l in ls]
+    tiny = _tiny(cd)
+    grads = [torch.empty(R, V, dtype=l.dtype, device=l.device) for l in ls]
+    if nv < V:
+        for gr in grads:
+            gr[:, nv:] = 0.0
     gW = torch.zeros(R, K, dtype=cd, device=W.device)
-    for r0, r1 in _row_chunks(R, nv):
+    scratch = _Scratch(R, nv, cd, ls[0].device, K + 3)
+    for r0, r1, (h, t, conv, *ps) in scratch.chunks():
         w = W[r0:r1] if W.shape[0] > 1 else W
-        ps = [_probs(l[r0:r1, :nv], w[:, k:k + 1], drop[k], cd) for k, l in enumerate(ls)]
-        q = ps[0] * w[:, 0:1]
+        for k, l in enumerate(ls):
+            _softmax_into(ps[k], l[r0:r1, :nv], conv, w[:, k:k + 1], drop[k])
+        q = torch.mul(ps[0], w[:, 0:1], out=h)
         for k in range(1, K):
             q.addcmul_(ps[k], w[:, k:k + 1])
-        gc = g[r0:r1, :nv].to(cd)
-        small = q < _tiny(cd)
-        h = torch.div(gc, q, out=q)  # h = g / q, reusing q's memory
-        fix = bool(small.any())
+        fix = _needs_fix(q, tiny)
+        if fix:
+            small = q < tiny
+            fix = bool(small.any())
+        gc = g[r0:r1, :nv]
+        if gc.dtype != cd:
+            gc = conv.copy_(gc)
+        h = torch.div(gc, q, out=h)  # h = g / q, in q's buffer
         if fix:  # those elements are summed in the log domain below
             h.masked_fill_(small, 0.0)
         # d_k = sum_j h_j p_kj as a batched dot product (no [rows, V] temporary)
@@ -139,10 +198,12 @@ def backward(ls, W: torch.Tensor, saved, g: torch.Tensor, n_valid: int | None,
                 rs.append(gs * r)
         for k in range(K):
             # grad l_k = g r_k - p_k c_k = p_k (w_k h - c_k), with g r_k added where q is tiny
-            t = torch.mul(h, w[:, k:k + 1]).sub_(c[:, k:k + 1]).mul_(ps[k])
+            torch.mul(h, w[:, k:k + 1], out=t).sub_(c[:, k:k + 1])
             if fix:
-                t.index_put_((rows, cols), rs[k], accumulate=True)
-            grads[k][r0:r1, :nv] = t
+                t.mul_(ps[k]).index_put_((rows, cols), rs[k], accumulate=True)
+                grads[k][r0:r1, :nv].copy_(t)
+            else:  # the last product goes straight into the gradient (rounded once)
+                torch.mul(t, ps[k], out=grads[k][r0:r1, :nv])
         gW[r0:r1] = d
     if not need_w:
         return grads, None
