@@ -7,7 +7,8 @@ Both backends implement one engine interface (see modkern/mix_torch.py): a forwa
 returns the output plus what the backward needs (the Triton one keeps each row's
 logsumexp, never a softmax), and a backward that recomputes the softmaxes from the inputs.
 `_MixFunction` wraps an engine for autograd: gradients flow to every logits tensor and to
-tensor weights (alpha).
+tensor weights (alpha). With group= (a vocabulary split across processes) the same engines
+run in pieces around two small collectives: modkern/mix_parallel.py.
 """
 
 from __future__ import annotations
