@@ -60,8 +60,8 @@ def make_case(name: str, world: int) -> dict:
         V2 = 50 if world == 4 else 90
         l1 = logits((ROWS, V), seed=30)
         l2 = logits((ROWS, V2), seed=31)
-        case.update(logits=[l1, l2], weights=torch.full((ROWS,), 0.7), widths=[widths, _cut(widths, V2)],
-                    kwargs={"vocab": "common"})
+        case.update(logits=[l1, l2], weights=torch.full((ROWS,), 0.7),
+                    widths=[widths, _cut(widths, V2)], kwargs={"vocab": "common"})
     elif name == "alpha_one":  # one model left: a vocab-parallel log_softmax
         l1, l2 = hard_pair(rows=ROWS, V=V, dtype=torch.float32, seed=5)
         l2[0] = float("nan")  # dropped: must not leak
