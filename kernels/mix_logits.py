@@ -20,7 +20,10 @@ Backward (g = dL/dout; r_k = w_k p_k / q, the share of model k in the mixture q)
 gradients; both recompute out, r_k and p_k from the logits and the saved lse_k.
 
 Offsets are 64-bit (rows x V passes 2**31 at training sizes). The launchers follow the
-engine interface of modkern/mix_torch.py.
+engine interface of modkern/mix_torch.py, including the pieces a vocabulary split across
+processes needs (`local_stats`, `forward(..., lse=)`, `backward_sums`, `backward_grads`:
+see modkern/mix_parallel.py); `_fwd_given_lse_kernel` writes a slice's output from its
+rows' global lse_k.
 """
 
 from __future__ import annotations
@@ -181,13 +184,37 @@ def _fwd_out_kernel(p0, p1, p2, p3, rs0, rs1, rs2, rs3, w_ptr, w_rs, pm_ptr, ps_
             lse2 = lse
         if k == 3:
             lse3 = lse
+    _write_span(p0, p1, p2, p3, rs0, rs1, rs2, rs3, w_ptr, w_rs, out_ptr, row, sid * span,
+                lse0, lse1, lse2, lse3, nv, V, span, K, BLOCK)
+
+
+@triton.jit
+def _write_span(p0, p1, p2, p3, rs0, rs1, rs2, rs3, w_ptr, w_rs, out_ptr, row, c0,
+                lse0, lse1, lse2, lse3, nv, V, span, K: tl.constexpr, BLOCK: tl.constexpr):
+    """The output of one row's columns [c0, c0 + span), given the row's lse_k."""
     b0, b1, b2, b3 = p0 + row * rs0, p1 + row * rs1, p2 + row * rs2, p3 + row * rs3
-    c0 = sid * span
     c1 = tl.minimum(c0 + span, V)
     for start in range(c0, c1, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         _write_block(b0, b1, b2, b3, out_ptr + row * V, w_ptr, w_rs, row,
                      lse0, lse1, lse2, lse3, tl.where(cols < c1, cols, V), nv, V, K)
+
+
+@triton.jit
+def _fwd_given_lse_kernel(p0, p1, p2, p3, rs0, rs1, rs2, rs3, w_ptr, w_rs, out_ptr, lse_ptr,
+                          nv, V, span, K: tl.constexpr, BLOCK: tl.constexpr):
+    """The output of a vocabulary slice from its rows' global lse_k (mix_parallel)."""
+    row = tl.program_id(0).to(tl.int64)
+    lse0 = tl.load(lse_ptr + row * K)
+    lse1, lse2, lse3 = lse0, lse0, lse0
+    if K > 1:
+        lse1 = tl.load(lse_ptr + row * K + 1)
+    if K > 2:
+        lse2 = tl.load(lse_ptr + row * K + 2)
+    if K > 3:
+        lse3 = tl.load(lse_ptr + row * K + 3)
+    _write_span(p0, p1, p2, p3, rs0, rs1, rs2, rs3, w_ptr, w_rs, out_ptr, row,
+                tl.program_id(1) * span, lse0, lse1, lse2, lse3, nv, V, span, K, BLOCK)
 
 
 @triton.jit
@@ -297,21 +324,45 @@ def _weights(W: torch.Tensor):
     return W, (W.shape[1] if W.shape[0] > 1 else 0)
 
 
-def forward(ls, W: torch.Tensor, n_valid: int | None, splits: int | None = None):
+def _spans(R: int, V: int, dev: torch.device, splits: int | None) -> tuple[int, int]:
+    """(spans per row, columns per span), forced to `splits` spans when given."""
+    if splits is None:
+        return _split(R, V, dev)
+    span = triton.cdiv(triton.cdiv(V, splits), BLOCK) * BLOCK
+    return triton.cdiv(V, span), span
+
+
+def local_stats(ls, n_valid: int | None, splits: int | None = None):
+    """Per row, span and model the partial (max, sum exp(x - max)) over the columns
+    < n_valid, [R, S, K] float32 each (the logsumexp of a row is their combination)."""
+    R, V = ls[0].shape
+    nv = V if n_valid is None else n_valid
+    n_split, span = _spans(R, V, ls[0].device, splits)
+    pm = torch.empty(R, n_split, len(ls), dtype=torch.float32, device=ls[0].device)
+    ps = torch.empty_like(pm)
+    _fwd_stats_kernel[(R, n_split)](*_args(ls), pm, ps, nv, V, span, K=len(ls), BLOCK=BLOCK,
+                                    num_warps=NUM_WARPS)
+    return pm, ps
+
+
+def forward(ls, W: torch.Tensor, n_valid: int | None, splits: int | None = None,
+            lse: torch.Tensor | None = None):
     """out [R, V] float32 and lse [R, K] (saved for the backward). splits: force the
-    number of vocabulary spans per row (None: chosen from the shape)."""
+    number of vocabulary spans per row (None: chosen from the shape). lse: the rows'
+    logsumexps when the rows extend beyond these columns (a vocabulary slice)."""
     R, V = ls[0].shape
     K = len(ls)
     nv = V if n_valid is None else n_valid
     dev = ls[0].device
     W, w_rs = _weights(W)
     out = torch.empty(R, V, dtype=torch.float32, device=dev)
+    n_split, span = _spans(R, V, dev, splits)
+    if lse is not None:
+        lse = lse.to(torch.float32).contiguous()
+        _fwd_given_lse_kernel[(R, n_split)](*_args(ls), W, w_rs, out, lse, nv, V, span, K=K,
+                                            BLOCK=BLOCK, num_warps=NUM_WARPS)
+        return out, lse
     lse = torch.empty(R, K, dtype=torch.float32, device=dev)
-    if splits is None:
-        n_split, span = _split(R, V, dev)
-    else:
-        span = triton.cdiv(triton.cdiv(V, splits), BLOCK) * BLOCK
-        n_split = triton.cdiv(V, span)
     if n_split == 1 and splits is None:
         _fwd_row_kernel[(R,)](*_args(ls), W, w_rs, out, lse, nv, V, K=K, BLOCK=BLOCK,
                               num_warps=NUM_WARPS)
@@ -329,28 +380,43 @@ def forward(ls, W: torch.Tensor, n_valid: int | None, splits: int | None = None)
 def backward(ls, W: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, n_valid: int | None,
              need_w: bool, splits: int | None = None):
     """Gradients of sum(g * out) to each logits tensor (in its dtype) and to W."""
+    c, d = backward_sums(ls, W, lse, g, n_valid, splits)
+    grads = backward_grads(ls, W, lse, g, c, n_valid, splits)
+    if not need_w:
+        return grads, None
+    gW = d.to(W.dtype)
+    return grads, (gW if W.shape[0] > 1 else gW.sum(0, keepdim=True))
+
+
+def backward_sums(ls, W: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
+                  n_valid: int | None, splits: int | None = None):
+    """Per row and model c_k = sum_j g_j r_kj and d_k = sum_j g_j p_kj / q_j (= grad w_k)
+    over these columns, [R, K] float32 each."""
+    R, V = ls[0].shape
+    nv = V if n_valid is None else n_valid
+    Wf, w_rs = _weights(W)
+    g = g if g.stride(-1) == 1 else g.contiguous()
+    n_split, span = _spans(R, V, ls[0].device, splits)
+    pc = torch.empty(R, n_split, len(ls), dtype=torch.float32, device=ls[0].device)
+    pd = torch.empty_like(pc)
+    _bwd_sums_kernel[(R, n_split)](*_args(ls), g, g.stride(0), Wf, w_rs, lse, pc, pd, nv, V,
+                                   span, K=len(ls), BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return pc.sum(1), pd.sum(1)
+
+
+def backward_grads(ls, W: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, c: torch.Tensor,
+                   n_valid: int | None, splits: int | None = None):
+    """Gradients to each logits tensor (in its dtype), given the rows' c [R, K]."""
     R, V = ls[0].shape
     K = len(ls)
     nv = V if n_valid is None else n_valid
     dev = ls[0].device
     Wf, w_rs = _weights(W)
-    if g.stride(-1) != 1:
-        g = g.contiguous()
-    if splits is None:
-        n_split, span = _split(R, V, dev)
-    else:
-        span = triton.cdiv(triton.cdiv(V, splits), BLOCK) * BLOCK
-        n_split = triton.cdiv(V, span)
-    pc = torch.empty(R, n_split, K, dtype=torch.float32, device=dev)
-    pd = torch.empty_like(pc)
-    _bwd_sums_kernel[(R, n_split)](*_args(ls), g, g.stride(0), Wf, w_rs, lse, pc, pd, nv, V,
-                                   span, K=K, BLOCK=BLOCK, num_warps=NUM_WARPS)
-    c = pc.sum(1).contiguous()
+    g = g if g.stride(-1) == 1 else g.contiguous()
+    c = c.to(torch.float32).contiguous()
+    n_split, span = _spans(R, V, dev, splits)
     grads = [torch.empty(R, V, dtype=l.dtype, device=dev) for l in ls]
     gpad = grads + [grads[0]] * (MAX_K - K)
     _bwd_grad_kernel[(R, n_split)](*_args(ls), *gpad, g, g.stride(0), Wf, w_rs, lse, c, nv,
                                    V, span, K=K, BLOCK=BLOCK, num_warps=NUM_WARPS)
-    if not need_w:
-        return grads, None
-    gW = pd.sum(1).to(W.dtype)
-    return grads, (gW if W.shape[0] > 1 else gW.sum(0, keepdim=True))
+    return grads

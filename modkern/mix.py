@@ -7,7 +7,8 @@ Both backends implement one engine interface (see modkern/mix_torch.py): a forwa
 returns the output plus what the backward needs (the Triton one keeps each row's
 logsumexp, never a softmax), and a backward that recomputes the softmaxes from the inputs.
 `_MixFunction` wraps an engine for autograd: gradients flow to every logits tensor and to
-tensor weights (alpha).
+tensor weights (alpha). With group= (a vocabulary split across processes) the same engines
+run in pieces around two small collectives: modkern/mix_parallel.py.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ Weight = float | torch.Tensor
 
 
 def mix_logits(l1: torch.Tensor, l2: torch.Tensor, alpha: Weight, *, backend: str = "auto",
-               vocab: str = "strict", n_valid: int | None = None) -> torch.Tensor:
+               vocab: str = "strict", n_valid: int | None = None, group=None,
+               vocab_start: int | None = None) -> torch.Tensor:
     """log(alpha * softmax(l1) + (1 - alpha) * softmax(l2)) over the last dim.
 
     Args:
@@ -46,6 +48,18 @@ def mix_logits(l1: torch.Tensor, l2: torch.Tensor, alpha: Weight, *, backend: st
             the first min(V1, V2) columns of both.
         n_valid: treat columns >= n_valid as -inf in both inputs (padded head columns);
             they come out as -inf.
+        group: a torch.distributed process group over which the vocabulary is split
+            (tensor-parallel decoding): l1 and l2 are this rank's slices, contiguous
+            column ranges of the whole vocabulary (any widths, 0 included), and the result
+            is this rank's slice of the mixture over the whole vocabulary. Every rank of
+            the group must call it (and backpropagate through it) with the same weights
+            and leading shape. One all_gather per call, one all_reduce per backward; the
+            gradient of a tensor alpha is complete on every rank (see
+            modkern/mix_parallel.py). n_valid then counts columns of the whole vocabulary
+            and needs vocab_start; vocab="common" needs both models sliced at the same
+            column boundaries (each rank keeps its common prefix).
+        vocab_start: with group and n_valid, this rank's first column in the whole
+            vocabulary (e.g. the head's vocab_start_index).
 
     Returns float32 log-probabilities [..., V] (float64 for float64 input): softmax of the
     result is the mixture. alpha = 1 gives exactly log_softmax(l1) (0: log_softmax(l2));
@@ -58,17 +72,18 @@ def mix_logits(l1: torch.Tensor, l2: torch.Tensor, alpha: Weight, *, backend: st
     else:
         a = check_alpha(alpha)
         weights = [a, 1.0 - a]
-    return _mix([l1, l2], weights, backend, vocab, n_valid, ("l1", "l2"))
+    return _mix([l1, l2], weights, backend, vocab, n_valid, ("l1", "l2"), group, vocab_start)
 
 
 def mix_logits_many(logits: Sequence[torch.Tensor], weights: Sequence[Weight] | torch.Tensor,
                     *, backend: str = "auto", vocab: str = "strict",
-                    n_valid: int | None = None) -> torch.Tensor:
+                    n_valid: int | None = None, group=None,
+                    vocab_start: int | None = None) -> torch.Tensor:
     """K-way mixture: log(sum_k weights[k] * softmax(logits[k])) over the last dim.
 
     weights: K floats, K tensors broadcast over the leading dims, or one tensor whose last
     dim is K (broadcast over the leading dims); each in [0, 1], summing to 1 (within 1e-5).
-    Other arguments and the result as in `mix_logits`.
+    Other arguments (group and vocab_start included) and the result as in `mix_logits`.
     """
     logits = list(logits)
     if isinstance(weights, torch.Tensor):
@@ -89,7 +104,7 @@ def mix_logits_many(logits: Sequence[torch.Tensor], weights: Sequence[Weight] | 
         raise ShapeMismatchError(f"got {len(logits)} logits tensors but {len(weights)} "
                                  "weights: expected one weight per model")
     names = tuple(f"logits[{i}]" for i in range(len(logits)))
-    return _mix(logits, weights, backend, vocab, n_valid, names)
+    return _mix(logits, weights, backend, vocab, n_valid, names, group, vocab_start)
 
 
 # ---------------------------------------------------------------- validation
@@ -107,8 +122,11 @@ def _check_weight_tensor(w: torch.Tensor, what: str) -> None:
 
 
 def _check_logits(ls: list[torch.Tensor], names: tuple[str, ...], vocab: str,
-                  n_valid: int | None) -> tuple[list[torch.Tensor], int | None]:
-    """Validate the logits; return them cut to one width, and n_valid (None = all)."""
+                  n_valid: int | None, sharded: bool = False,
+                  vocab_start: int | None = None) -> tuple[list[torch.Tensor], int | None]:
+    """Validate the logits; return them cut to one width, and n_valid (None = all).
+    sharded: the logits are one rank's vocabulary slice (group=): the width may be 0 and
+    n_valid is global, returned as this slice's count (0 allowed)."""
     if not ls:
         raise ShapeMismatchError("mix needs at least one logits tensor")
     if vocab not in VOCAB_MODES:
@@ -136,6 +154,12 @@ def _check_logits(ls: list[torch.Tensor], names: tuple[str, ...], vocab: str,
                                      f"(first {min(widths)} tokens)")
         ls = [t[..., :min(widths)] for t in ls]
     V = min(widths)
+    if sharded:
+        from .mix_parallel import local_n_valid
+        return ls, local_n_valid(n_valid, vocab_start, V)
+    if vocab_start is not None:
+        raise ValueError("vocab_start= is only meaningful with group= (a vocabulary split "
+                         "across processes)")
     if V == 0:
         raise ShapeMismatchError("logits have an empty vocabulary (last dim 0)")
     if n_valid is not None:
@@ -200,22 +224,29 @@ def _engine(backend: str, ls: list[torch.Tensor]):
 
 
 def _mix(ls: list[torch.Tensor], weights: list[Weight], backend: str, vocab: str,
-         n_valid: int | None, names: tuple[str, ...]) -> torch.Tensor:
-    ls, n_valid = _check_logits(ls, names, vocab, n_valid)
+         n_valid: int | None, names: tuple[str, ...], group=None,
+         vocab_start: int | None = None) -> torch.Tensor:
+    if group is not None:
+        from . import mix_parallel  # torch.distributed: imported only when asked for
+        mix_parallel.check_group(group)
+    ls, n_valid = _check_logits(ls, names, vocab, n_valid, group is not None, vocab_start)
     engine = _engine(backend, ls)
     lead, V = ls[0].shape[:-1], ls[0].shape[-1]
     cd = mix_torch.compute_dtype(ls)
     keep = [k for k, w in enumerate(weights) if isinstance(w, torch.Tensor) or w > 0]
     ls, weights = [ls[k] for k in keep], [weights[k] for k in keep]  # w = 0: model unused
     W = _weights_matrix(weights, lead, cd, ls[0].device)
-    if len(ls) == 1 and not isinstance(weights[0], torch.Tensor):  # one model, weight 1
-        return _log_softmax(ls[0], cd, n_valid)
-    flat = [t.reshape(-1, V) for t in ls]
+    if group is None and len(ls) == 1 and not isinstance(weights[0], torch.Tensor):
+        return _log_softmax(ls[0], cd, n_valid)  # one model, weight 1
+    flat = [t.reshape(lead.numel(), V) for t in ls]
     if engine is not mix_torch:
         flat = [t if t.stride(-1) == 1 else t.contiguous() for t in flat]
-    if flat[0].shape[0] == 0:
+    if flat[0].shape[0] == 0:  # no rows on any rank (the leading shape is shared)
         return torch.empty(*lead, V, dtype=cd, device=ls[0].device)
-    out = _MixFunction.apply(engine, n_valid, W, *flat)
+    if group is not None:
+        out = mix_parallel.ParallelMixFunction.apply(engine, n_valid, group, W, *flat)
+    else:
+        out = _MixFunction.apply(engine, n_valid, W, *flat)
     return out.view(*lead, V)
 
 

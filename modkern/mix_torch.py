@@ -22,9 +22,15 @@ again with a log-domain fix-up where q < TINY. A model whose weight is 0 is drop
 rows entirely (its logits may even be NaN there), so alpha = 0 or 1 never makes a NaN.
 
 Engine interface (shared with modkern.kernels.mix_logits):
-    forward(ls, W, n_valid) -> (out, saved)
+    forward(ls, W, n_valid, lse=None) -> (out, saved)
     backward(ls, W, saved, g, n_valid, need_w) -> (grads, grad_W or None)
 ls: K tensors [R, V]; W: weights [R or 1, K]; columns >= n_valid count as -inf.
+For a vocabulary split across processes (modkern/mix_parallel.py), the same work in pieces
+that meet at the two row-wise reductions, each row's logsumexp per model and the sums c_k, d_k:
+    local_stats(ls, n_valid) -> (m, s)       partial (max, sum exp(x - max)), [R, S, K]
+    forward(..., lse=global lse [R, K])       the softmaxes taken as exp(l_k - lse_k)
+    backward_sums(ls, W, lse, g, n_valid) -> (c, d)        this slice's share, [R, K]
+    backward_grads(ls, W, lse, g, c, n_valid) -> grads     with the global c
 """
 
 from __future__ import annotations
@@ -86,13 +92,17 @@ class _Scratch:
 
 
 def _softmax_into(dst: torch.Tensor, l: torch.Tensor, conv: torch.Tensor, wk: torch.Tensor,
-                  drop: bool) -> torch.Tensor:
+                  drop: bool, lse: torch.Tensor | None = None) -> torch.Tensor:
     """dst = softmax(l) over the last dim in dst's dtype (bf16/fp16 converted exactly via
-    `conv` first). A row of weight 0 is dropped from the mixture, so a NaN row there (all
+    `conv` first), or exp(l - lse) with a given row logsumexp [rows, 1] (l is then a slice
+    of the row). A row of weight 0 is dropped from the mixture, so a NaN row there (all
     -inf, NaN or +inf inside: softmax makes the whole row NaN) is set to 0."""
     if l.dtype != dst.dtype:
         l = conv.copy_(l)
-    _softmax_out(l, -1, False, out=dst)
+    if lse is None:
+        _softmax_out(l, -1, False, out=dst)
+    else:
+        torch.sub(l, lse, out=dst).exp_()
     if drop:
         dst.masked_fill_((wk == 0) & torch.isnan(dst[:, :1]), 0.0)
     return dst
@@ -104,15 +114,19 @@ def _needs_fix(x: torch.Tensor, floor: float) -> bool:
     return not lo >= floor
 
 
-def _log_terms(ls, W, rows, cols, r0, nv, cd):
+def _log_terms(ls, W, rows, cols, r0, nv, cd, lse=None):
     """Log-domain pieces at the given elements (chunk-relative rows): per model the
     log-softmax lp_k and the weighted term t_k = log w_k + lp_k (-inf where w_k = 0),
-    and out = logsumexp_k t_k. Used only for the few elements where q underflows."""
+    and out = logsumexp_k t_k. Used only for the few elements where q underflows.
+    lse: the rows' logsumexps [R, K] when given (else taken from the rows)."""
     urows, inv = torch.unique(rows, return_inverse=True)
     lps, ts = [], []
     for k, l in enumerate(ls):
-        lse = torch.logsumexp(l[r0 + urows, :nv].to(cd), dim=-1)
-        lp = l[r0 + rows, cols].to(cd) - lse[inv]
+        if lse is None:
+            lse_k = torch.logsumexp(l[r0 + urows, :nv].to(cd), dim=-1)[inv]
+        else:
+            lse_k = lse[r0 + rows, k].to(cd)
+        lp = l[r0 + rows, cols].to(cd) - lse_k
         w = W[(r0 + rows) if W.shape[0] > 1 else torch.zeros_like(rows), k]
         ts.append(torch.where(w > 0, torch.log(w) + lp, float("-inf")))
         lps.append(lp)
@@ -120,7 +134,31 @@ def _log_terms(ls, W, rows, cols, r0, nv, cd):
     return lps, ts, out
 
 
-def forward(ls, W: torch.Tensor, n_valid: int | None):
+def local_stats(ls, n_valid: int | None):
+    """Per row and model, (max, sum exp(x - max)) over the columns < n_valid, as [R, 1, K]
+    each: one partial logsumexp of the row (NaN in, NaN out; all -inf gives (-inf, 0))."""
+    R, V = ls[0].shape
+    nv = V if n_valid is None else n_valid
+    cd = compute_dtype(ls)
+    m = torch.full((R, 1, len(ls)), float("-inf"), dtype=cd, device=ls[0].device)
+    s = torch.zeros_like(m)
+    if nv == 0:
+        return m, s
+    scratch = _Scratch(R, nv, cd, ls[0].device, 1)
+    for r0, r1, (e,) in scratch.chunks():
+        for k, l in enumerate(ls):
+            x = l[r0:r1, :nv]
+            mk = x.amax(-1, keepdim=True).to(cd)  # exact in any float dtype; NaN wins
+            shift = torch.where(mk == float("-inf"), 0.0, mk)  # -inf - -inf would be NaN
+            torch.sub(x, shift, out=e).exp_()
+            m[r0:r1, 0, k] = mk[:, 0]
+            torch.sum(e, -1, out=s[r0:r1, 0, k])
+    return m, s
+
+
+def forward(ls, W: torch.Tensor, n_valid: int | None, lse: torch.Tensor | None = None):
+    """out [R, V] and None (nothing saved). lse: each row's logsumexp per model [R, K],
+    when the row extends beyond these columns (a vocabulary slice); None: from the rows."""
     R, V = ls[0].shape
     nv = V if n_valid is None else n_valid
     cd = compute_dtype(ls)
@@ -130,52 +168,65 @@ def forward(ls, W: torch.Tensor, n_valid: int | None):
     out = torch.empty(R, V, dtype=cd, device=ls[0].device)
     if nv < V:
         out[:, nv:] = float("-inf")
+    if nv == 0:
+        return out, None
     scratch = _Scratch(R, nv, cd, ls[0].device, 3)
     for r0, r1, (q, p, conv) in scratch.chunks():
         w = W[r0:r1] if W.shape[0] > 1 else W
         for k, l in enumerate(ls):
             wk = w[:, k:k + 1]
+            lk = None if lse is None else lse[r0:r1, k:k + 1]
             if k == 0:
-                _softmax_into(q, l[r0:r1, :nv], conv, wk, drop[k]).mul_(wk)
+                _softmax_into(q, l[r0:r1, :nv], conv, wk, drop[k], lk).mul_(wk)
             else:
-                q.addcmul_(_softmax_into(p, l[r0:r1, :nv], conv, wk, drop[k]), wk)
+                q.addcmul_(_softmax_into(p, l[r0:r1, :nv], conv, wk, drop[k], lk), wk)
         o = out[r0:r1, :nv]
         torch.log(q, out=o)
         if _needs_fix(o, math.log(tiny)):
             small = q < tiny  # NaN compares False: NaN rows stay NaN
             if bool(small.any()):
                 rows, cols = small.nonzero(as_tuple=True)
-                o[rows, cols] = _log_terms(ls, W, rows, cols, r0, nv, cd)[2]
+                o[rows, cols] = _log_terms(ls, W, rows, cols, r0, nv, cd, lse)[2]
     return out, None
 
 
-def backward(ls, W: torch.Tensor, saved, g: torch.Tensor, n_valid: int | None,
-             need_w: bool):
-    R, V = ls[0].shape
-    nv = V if n_valid is None else n_valid
-    cd = compute_dtype(ls)
-    K = len(ls)
-    W = W.to(cd)
-    drop = (W == 0).any(0).tolist()
-    tiny = _tiny(cd)
-    grads = [torch.empty(R, V, dtype=l.dtype, device=l.device) for l in ls]
-    if nv < V:
-        for gr in grads:
-            gr[:, nv:] = 0.0
-    gW = torch.zeros(R, K, dtype=cd, device=W.device)
-    scratch = _Scratch(R, nv, cd, ls[0].device, K + 3)
-    for r0, r1, (h, t, conv, *ps) in scratch.chunks():
+class _Backward:
+    """The backward over one set of rows and columns, chunk by chunk. With h = g / q:
+    `sums` gives per row d_k = sum_j h_j p_kj and c_k = sum_j g_j r_kj (log-domain terms
+    where q underflows), `grads` then writes grad l_k = p_k (w_k h - c_k) (+ g r_k where q
+    underflows) for a given c: this chunk's own, or, for a vocabulary slice, the global
+    one."""
+
+    def __init__(self, ls, W, g, n_valid, lse):
+        R, V = ls[0].shape
+        self.ls, self.g, self.lse = ls, g, lse
+        self.nv = V if n_valid is None else n_valid
+        self.cd = compute_dtype(ls)
+        self.W = W.to(self.cd)
+        self.drop = (self.W == 0).any(0).tolist()
+        self.scratch = _Scratch(R, self.nv, self.cd, ls[0].device, len(ls) + 3)
+
+    def chunks(self):
+        """(r0, r1, state of the chunk after its sums: see `sums`) for every row chunk."""
+        for r0, r1, bufs in self.scratch.chunks():
+            yield r0, r1, self.sums(r0, r1, bufs)
+
+    def sums(self, r0, r1, bufs):
+        ls, W, cd, nv, K = self.ls, self.W, self.cd, self.nv, len(self.ls)
+        h, t, conv, *ps = bufs
         w = W[r0:r1] if W.shape[0] > 1 else W
         for k, l in enumerate(ls):
-            _softmax_into(ps[k], l[r0:r1, :nv], conv, w[:, k:k + 1], drop[k])
+            lk = None if self.lse is None else self.lse[r0:r1, k:k + 1]
+            _softmax_into(ps[k], l[r0:r1, :nv], conv, w[:, k:k + 1], self.drop[k], lk)
         q = torch.mul(ps[0], w[:, 0:1], out=h)
         for k in range(1, K):
             q.addcmul_(ps[k], w[:, k:k + 1])
+        tiny = _tiny(cd)
         fix = _needs_fix(q, tiny)
         if fix:
             small = q < tiny
             fix = bool(small.any())
-        gc = g[r0:r1, :nv]
+        gc = self.g[r0:r1, :nv]
         if gc.dtype != cd:
             gc = conv.copy_(gc)
         h = torch.div(gc, q, out=h)  # h = g / q, in q's buffer
@@ -184,9 +235,10 @@ def backward(ls, W: torch.Tensor, saved, g: torch.Tensor, n_valid: int | None,
         # d_k = sum_j h_j p_kj as a batched dot product (no [rows, V] temporary)
         d = torch.stack([torch.bmm(p.unsqueeze(1), h.unsqueeze(2)).view(-1) for p in ps], 1)
         c = torch.where(w > 0, w * d, 0.0)  # c_k = sum_j g_j r_kj, r_kj = w_k p_kj / q_j
+        terms = None
         if fix:
             rows, cols = small.nonzero(as_tuple=True)
-            lps, ts, o = _log_terms(ls, W, rows, cols, r0, nv, cd)
+            lps, ts, o = _log_terms(ls, W, rows, cols, r0, nv, cd, self.lse)
             gs = gc[rows, cols]
             rs = []
             for k in range(K):
@@ -196,15 +248,68 @@ def backward(ls, W: torch.Tensor, saved, g: torch.Tensor, n_valid: int | None,
                 d[:, k].index_add_(0, rows, gs * e)
                 c[:, k].index_add_(0, rows, gs * r)
                 rs.append(gs * r)
-        for k in range(K):
+            terms = (rows, cols, rs)
+        return w, h, t, ps, c, d, terms
+
+    def grads(self, grads, r0, r1, state, c):
+        w, h, t, ps, _, _, terms = state
+        for k in range(len(ps)):
             # grad l_k = g r_k - p_k c_k = p_k (w_k h - c_k), with g r_k added where q is tiny
             torch.mul(h, w[:, k:k + 1], out=t).sub_(c[:, k:k + 1])
-            if fix:
+            if terms is not None:
+                rows, cols, rs = terms
                 t.mul_(ps[k]).index_put_((rows, cols), rs[k], accumulate=True)
-                grads[k][r0:r1, :nv].copy_(t)
+                grads[k][r0:r1, :self.nv].copy_(t)
             else:  # the last product goes straight into the gradient (rounded once)
-                torch.mul(t, ps[k], out=grads[k][r0:r1, :nv])
-        gW[r0:r1] = d
+                torch.mul(t, ps[k], out=grads[k][r0:r1, :self.nv])
+
+
+def _empty_grads(ls, nv: int):
+    R, V = ls[0].shape
+    grads = [torch.empty(R, V, dtype=l.dtype, device=l.device) for l in ls]
+    if nv < V:
+        for gr in grads:
+            gr[:, nv:] = 0.0
+    return grads
+
+
+def backward(ls, W: torch.Tensor, saved, g: torch.Tensor, n_valid: int | None,
+             need_w: bool):
+    R, V = ls[0].shape
+    bw = _Backward(ls, W, g, n_valid, None)
+    grads = _empty_grads(ls, bw.nv)
+    gW = torch.zeros(R, len(ls), dtype=bw.cd, device=W.device)
+    for r0, r1, state in bw.chunks():
+        bw.grads(grads, r0, r1, state, state[4])
+        gW[r0:r1] = state[5]
     if not need_w:
         return grads, None
     return grads, (gW if W.shape[0] > 1 else gW.sum(0, keepdim=True))
+
+
+def backward_sums(ls, W: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
+                  n_valid: int | None):
+    """This vocabulary slice's share of c_k = sum_j g_j r_kj and of d_k = sum_j g_j p_kj
+    / q_j (= grad w_k), [R, K] each, for rows whose logsumexps are lse [R, K]."""
+    R, _ = ls[0].shape
+    bw = _Backward(ls, W, g, n_valid, lse)
+    c = torch.zeros(R, len(ls), dtype=bw.cd, device=ls[0].device)
+    d = torch.zeros_like(c)
+    if bw.nv == 0:
+        return c, d
+    for r0, r1, state in bw.chunks():
+        c[r0:r1], d[r0:r1] = state[4], state[5]
+    return c, d
+
+
+def backward_grads(ls, W: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, c: torch.Tensor,
+                   n_valid: int | None):
+    """Gradients to each logits slice (in its dtype), given the rows' global c [R, K]."""
+    bw = _Backward(ls, W, g, n_valid, lse)
+    grads = _empty_grads(ls, bw.nv)
+    if bw.nv == 0:
+        return grads
+    c = c.to(bw.cd)
+    for r0, r1, state in bw.chunks():
+        bw.grads(grads, r0, r1, state, c[r0:r1])
+    return grads

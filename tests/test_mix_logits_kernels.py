@@ -97,6 +97,7 @@ def test_kernels_compile_for_a_gpu():
         types.update({n: "i32" for n in ("nv", "V", "span")})
         kernels = [(km._fwd_row_kernel, {"K": 2}), (km._fwd_stats_kernel, {"K": 3}),
                    (km._fwd_out_kernel, {"K": 4, "SPLITS": 64}),
+                   (km._fwd_given_lse_kernel, {"K": 3}),
                    (km._bwd_sums_kernel, {"K": 2}), (km._bwd_grad_kernel, {"K": 3})]
         for fn, const in kernels:
             const = {**const, "BLOCK": 4096}
@@ -115,7 +116,7 @@ def test_kernels_compile_for_a_gpu():
                                 or "ptxas" in res.stderr and "not found" in res.stderr):
         pytest.skip(f"no CUDA code generator here: {res.stderr.strip().splitlines()[-1]}")
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "compiled 5" in res.stdout
+    assert "compiled 6" in res.stdout
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
