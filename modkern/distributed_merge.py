@@ -68,7 +68,7 @@ class PeerLostError(CheckpointError):
 
 def launched_by_torchrun() -> bool:
     """True when this process is one of several started by torchrun (WORLD_SIZE > 1)."""
-    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and "RANK" in os.environ
+    return int(os.environ.get("WORLD_SIZE") or 1) > 1 and bool(os.environ.get("RANK"))
 
 
 @dataclass(frozen=True)

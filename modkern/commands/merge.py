@@ -117,7 +117,7 @@ def _merge_function(args: argparse.Namespace):
                 raise CheckpointError(f"{opt} applies to a distributed merge only; launch "
                                       "with torchrun --nproc-per-node N -m modkern merge ...")
         return merge_checkpoints, 0, {}
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+    if not os.environ.get("RANK") or not os.environ.get("WORLD_SIZE"):
         raise CheckpointError("--distributed: no torch.distributed environment (RANK and "
                               "WORLD_SIZE unset); launch with torchrun --nproc-per-node N "
                               "-m modkern merge ...")
@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
 
         distributed = args.distributed or launched_by_torchrun()
         same_on_all = isinstance(err, DistributedMergeError) or not args.merge_started
-        if distributed and os.environ.get("RANK", "0") != "0" and same_on_all:
+        if distributed and (os.environ.get("RANK") or "0") != "0" and same_on_all:
             return 2  # every rank has this error (agreed, or the same bad arguments):
             # rank 0 prints it, once
         raise
