@@ -204,7 +204,9 @@ def merge_checkpoints_distributed(base, other, out, alpha, *, split_above: int |
     device = options.pop("device", "cpu")
     if torch.device(device).type == "cuda" and torch.device(device).index is None \
             and torch.cuda.is_available():
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0') or 0)}"
+        # this rank's GPU (ranks share GPUs round-robin when there are more ranks)
+        local = int(os.environ.get("LOCAL_RANK") or 0)
+        device = f"cuda:{local % torch.cuda.device_count()}"
         torch.cuda.set_device(torch.device(device))
     split_above = DEFAULT_SPLIT_ABOVE if split_above is None else int(split_above)
     group = _Group(device, timeout_s)
