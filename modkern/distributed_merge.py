@@ -47,7 +47,8 @@ DEFAULT_SPLIT_ABOVE = 4 * 1000 ** 3
 # Seconds a rank waits in a collective for the others (a rank that dies closes its
 # connections, which the others see at once; this bounds the silent cases).
 DEFAULT_TIMEOUT_S = 1800.0
-# Test hook: "RANK:raise" or "RANK:kill": that rank fails after writing its first tensor.
+# Test hook: "RANK:raise", "RANK:kill" or "RANK:hang": that rank fails (or stops) after
+# writing its first tensor.
 _FAIL_ENV = "MODKERN_TEST_DIST_FAIL"
 _REPORT_COUNTS = ("tensors_merged", "tensors_copied", "elements_merged", "elements_taken",
                   "bytes_read_base", "bytes_read_other", "bytes_written")
@@ -133,8 +134,9 @@ class _Group:
         except RuntimeError as err:  # gloo: connection closed / timed out
             first = _first_sentence(str(err)) or type(err).__name__
             raise PeerLostError(f"rank {self.rank}: lost contact with the other ranks "
-                                  f"while {what} ({first}); a rank failed or was killed, "
-                                  "the merge is abandoned and OUT not written") from None
+                                  f"while {what} ({first}); another rank failed, was killed or "
+                                  "did not answer in time: the merge is abandoned, OUT not "
+                                  "written") from None
 
     def gather(self, obj, what: str) -> list:
         out = [None] * self.world
@@ -383,6 +385,8 @@ class _OtherRankFailed(Exception):
 def _fail_for_test(how: str) -> None:
     if how == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if how == "hang":  # a rank stuck (e.g. on a dead disk): the others must time out
+        time.sleep(3600)
     raise errors.CheckpointError(f"test failure injected by {_FAIL_ENV}")
 
 

@@ -6,9 +6,11 @@ folder, and end every process (timeouts here catch a hang)."""
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -145,6 +147,38 @@ def test_equals_merge_state_dicts(ckpts, tmp_path):
         assert got[k].dtype == t.dtype and torch.equal(got[k], t), k
 
 
+_API = """
+import json, sys, modkern
+r = modkern.merge_checkpoints_distributed(sys.argv[1], sys.argv[2], sys.argv[3], 0.9,
+                                          split_above=10000, progress=True)
+print(json.dumps({"rank": __import__("os").environ["RANK"], "merged": r.tensors_merged,
+                  "copied": r.tensors_copied, "elements": r.elements_merged,
+                  "taken": r.elements_taken, "by_key": r.taken_by_key,
+                  "written": r.bytes_written}))
+"""
+
+
+def test_python_api_returns_totals_on_every_rank(ckpts, tmp_path):
+    script = tmp_path / "merge.py"
+    script.write_text(_API)
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                        "--master-addr=127.0.0.1", f"--master-port={_free_port()}", str(script),
+                        ckpts["llama_a"], ckpts["llama_b"], out], cwd=ROOT, capture_output=True,
+                       text=True, timeout=TIMEOUT)
+    assert r.returncode == 0, r.stderr
+    assert "modkern merge (rank 0 of 2)" in r.stderr and "rank 1 of" not in r.stderr
+    got = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    single = merge_checkpoints(ckpts["llama_a"], ckpts["llama_b"], tmp_path / "single", 0.9,
+                               progress=False)
+    want = {"merged": single.tensors_merged, "copied": single.tensors_copied,
+            "elements": single.elements_merged, "taken": single.elements_taken,
+            "by_key": single.taken_by_key, "written": single.bytes_written}
+    assert sorted(g.pop("rank") for g in got) == ["0", "1"]
+    assert got == [want, want]
+    assert list(got[0]["by_key"]) == list(single.taken_by_key)  # BASE's order
+
+
 # --- failures ------------------------------------------------------------------------
 
 def _assert_nothing_left(tmp_path: Path, out: Path) -> None:
@@ -165,6 +199,21 @@ def test_failing_rank_fails_the_merge(ckpts, tmp_path, nproc, how):
     else:  # a killed rank says nothing: the survivors say they lost it
         assert errors and all("lost contact with the other ranks" in e for e in errors), \
             r.stderr
+    _assert_nothing_left(tmp_path, out)
+
+
+def test_stuck_rank_times_out(ckpts, tmp_path):
+    """Rank 1 stops after its first tensor: rank 0 gives up after --dist-timeout, says so,
+    and torchrun ends the stuck rank; nothing is written."""
+    out = tmp_path / "out"
+    start = time.monotonic()
+    r = torchrun(2, ckpts["llama_a"], ckpts["llama_b"], out, "--alpha", "0.9",
+                 "--dist-timeout", "4", env={"MODKERN_TEST_DIST_FAIL": "1:hang"})
+    assert r.returncode != 0
+    assert time.monotonic() - start < 90
+    errors = _modkern_lines(r.stderr)
+    assert any(e.startswith("modkern merge: error: rank 0: lost contact") for e in errors), \
+        r.stderr
     _assert_nothing_left(tmp_path, out)
 
 
