@@ -459,8 +459,8 @@ def open_merge(base: str | os.PathLike, other: str | os.PathLike, out: str | os.
 
 def _prefetched(ck: Checkpoint, names: list[str] | None = None
                 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """BASE's tensors (all, or `names`) in file order, each read by a background thread while the one before
-    is merged and written (positioned reads release the GIL).
+    """BASE's tensors (all, or `names`) in file order, each read by a background thread
+    while the one before is merged and written (positioned reads release the GIL).
 
     Tensors live in a ring of _RING byte buffers sized to the largest tensor, reused
     rather than allocated per tensor (fresh memory costs a page fault per 4 KB). A yielded

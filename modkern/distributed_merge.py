@@ -97,7 +97,7 @@ def assign(planned: list[PlannedTensor], world: int, split_above: int
             for r in range(world):
                 a, b = rows * r // world, rows * (r + 1) // world
                 parts[r].append(Part(t.name, (a, b)))
-                load[r] += t.nbytes * (b - a) // rows
+                load[r] += _part_bytes(t, parts[r][-1])
         else:
             whole.append(t)
     for t in sorted(whole, key=lambda t: (-t.nbytes, order[t.name])):
@@ -225,7 +225,8 @@ def _run(group: _Group, base, other, out, alpha, device, split_above, progress, 
     err: BaseException | None = None
     with ExitStack() as stack:
         try:
-            job = stack.enter_context(open_merge(base, other, out, alpha, device=device, **options))
+            job = stack.enter_context(open_merge(base, other, out, alpha, device=device,
+                                                 **options))
         except BaseException as e:  # noqa: BLE001 - reported to every rank just below
             err = e
         _agree(group, err, "checking the inputs")
@@ -271,8 +272,7 @@ def _merge_parts(group: _Group, job: MergeJob, tmp: Path, split_above: int,
     report = job.new_report()
     planned = {t.name: t for t in job.planned}
     writer = BackgroundWriter(PositionedWriter(tmp, job.shards))
-    total = sum(planned[p.name].nbytes * (p.rows[1] - p.rows[0]) // max(planned[p.name].shape[0], 1)
-                if p.rows else planned[p.name].nbytes for p in mine)
+    total = sum(_part_bytes(planned[p.name], p) for p in mine)
     bar = _progress_bar(progress, total, len(mine)) if rank == 0 else None
     if bar is not None:
         bar.set_description(f"modkern merge (rank 0 of {world})")
@@ -315,6 +315,12 @@ def _merge_parts(group: _Group, job: MergeJob, tmp: Path, split_above: int,
         if bar is not None:
             bar.close()
     return report
+
+
+def _part_bytes(t: PlannedTensor, part: Part) -> int:
+    if part.rows is None:
+        return t.nbytes
+    return t.nbytes // t.shape[0] * (part.rows[1] - part.rows[0])
 
 
 def _merge_rows(group: _Group, job: MergeJob, part: Part, writer: BackgroundWriter,

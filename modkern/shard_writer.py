@@ -137,11 +137,11 @@ class PositionedWriter:
         """Write `tensor` as tensor `name`'s rows starting at `row` (the whole tensor when
         row is 0 and the shapes agree); dtype and trailing dimensions must be as planned."""
         planned = self._planned[name]
-        rows_ok = tuple(tensor.shape[1:]) == planned.shape[1:] and \
-            0 <= row and row + (tensor.shape[0] if tensor.dim() else 1) <= \
-            (planned.shape[0] if planned.shape else 1)
-        if tensor.dtype != planned.dtype or not rows_ok or \
-                (not planned.shape and tuple(tensor.shape) != ()):
+        rows = tensor.shape[0] if tensor.dim() else 1
+        fits = (tensor.dim() > 0) == (len(planned.shape) > 0) and \
+            tuple(tensor.shape[1:]) == planned.shape[1:] and \
+            0 <= row and row + rows <= (planned.shape[0] if planned.shape else 1)
+        if tensor.dtype != planned.dtype or not fits:
             raise CheckpointError(f"internal: writing {name!r} {tensor.dtype} "
                                   f"{list(tensor.shape)} at row {row}, planned "
                                   f"{planned.dtype} {list(planned.shape)}")
