@@ -1,5 +1,4 @@
-"""`merge_checkpoints` over several processes with torch.distributed (launched by torchrun:
-gloo on CPU, NCCL beside gloo on GPU).
+"""`merge_checkpoints` over several processes with torch.distributed, launched by torchrun.
 
     torchrun --nproc-per-node 4 -m modkern merge BASE OTHER OUT --alpha 0.9
 
@@ -15,8 +14,12 @@ success, rank 0 writes the index, config, tokenizer, recipe and card and publish
 atomically. Any failure on any rank (bad weights, I/O error, a rank killed) fails the whole
 merge: OUT is not written and the failing rank's message is raised on every rank.
 
-The shared output folder must be on a filesystem every rank sees (one machine, or a shared
-filesystem across nodes). The result is bit-identical to the single-process merge: the
+No tensor data crosses between ranks: each writes its own bytes into the shared output
+files. The only collectives are a few scalars and status flags per split tensor and one
+exchange per phase, so they run on gloo over CPU tensors whatever the device (with
+`--device cuda` each rank runs its selects on its GPU, LOCAL_RANK; a job that already has
+an NCCL default group gets a gloo subgroup for this). The inputs and OUT's parent must be
+on a filesystem every rank sees at the same path (one machine, or a shared filesystem). The result is bit-identical to the single-process merge: the
 same shard files, byte for byte.
 """
 
@@ -113,19 +116,17 @@ class _Group:
     """The process group and the few collectives the merge needs, on CPU tensors (gloo).
     A collective that fails (a rank died, or the timeout passed) becomes a CheckpointError."""
 
-    def __init__(self, device: str, timeout_s: float):
+    def __init__(self, timeout_s: float):
         import torch.distributed as dist
 
         self.dist = dist
+        if not dist.is_available():
+            raise CheckpointError("torch.distributed is not available in this torch build")
         self.created = not dist.is_initialized()
         if self.created:
-            if not dist.is_available():
-                raise CheckpointError("torch.distributed is not available in this torch build")
-            backend = "cpu:gloo,cuda:nccl" if torch.device(device).type == "cuda" else "gloo"
-            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-        # Control traffic always goes over gloo on CPU tensors (NCCL needs GPU tensors).
-        self.group = dist.new_group(backend="gloo") if \
-            dist.get_backend() not in ("gloo",) else None
+            dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
+        self.group = None if dist.get_backend() == "gloo" else \
+            dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
 
     def _call(self, what: str, fn, *args, **kw):
@@ -211,7 +212,7 @@ def merge_checkpoints_distributed(base, other, out, alpha, *, split_above: int |
         device = f"cuda:{local % torch.cuda.device_count()}"
         torch.cuda.set_device(torch.device(device))
     split_above = DEFAULT_SPLIT_ABOVE if split_above is None else int(split_above)
-    group = _Group(device, timeout_s)
+    group = _Group(timeout_s)
     try:
         return _run(group, base, other, out, alpha, device, split_above, progress, start,
                     options)

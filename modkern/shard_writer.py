@@ -111,6 +111,8 @@ def preallocate(folder: Path, shards: list[Shard]) -> None:
         with open(folder / s.file, "wb") as f:
             f.write(s.header())
             f.truncate(len(s.header()) + s.nbytes)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 class PositionedWriter:
