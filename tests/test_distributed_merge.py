@@ -202,6 +202,18 @@ def test_failing_rank_fails_the_merge(ckpts, tmp_path, nproc, how):
     _assert_nothing_left(tmp_path, out)
 
 
+def test_killed_rank_0_leaves_no_out(ckpts, tmp_path):
+    """Rank 0 owns the temporary folder: killed, it cannot remove it (as a killed single
+    process cannot); OUT is absent and the next merge into OUT removes the leftover."""
+    out = tmp_path / "out"
+    r = torchrun(2, ckpts["llama_a"], ckpts["llama_b"], out, "--alpha", "0.9",
+                 env={"MODKERN_TEST_DIST_FAIL": "0:kill"})
+    assert r.returncode != 0 and not out.exists()
+    r = run_cli("merge", ckpts["llama_a"], ckpts["llama_b"], out, "--alpha", "0.9")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_stuck_rank_times_out(ckpts, tmp_path):
     """Rank 1 stops after its first tensor: rank 0 gives up after --dist-timeout, says so,
     and torchrun ends the stuck rank; nothing is written."""
