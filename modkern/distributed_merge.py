@@ -19,8 +19,9 @@ files. The only collectives are a few scalars and status flags per split tensor 
 exchange per phase, so they run on gloo over CPU tensors whatever the device (with
 `--device cuda` each rank runs its selects on its GPU, LOCAL_RANK; a job that already has
 an NCCL default group gets a gloo subgroup for this). The inputs and OUT's parent must be
-on a filesystem every rank sees at the same path (one machine, or a shared filesystem). The result is bit-identical to the single-process merge: the
-same shard files, byte for byte.
+on a filesystem every rank sees at the same path (one machine, or a shared filesystem).
+The result is bit-identical to the single-process merge: the same shard files, byte for
+byte.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import re
 import shutil
 import signal
 import time
+import traceback
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import timedelta
@@ -59,11 +61,27 @@ _REPORT_COUNTS = ("tensors_merged", "tensors_copied", "elements_merged", "elemen
 
 class DistributedMergeError(CheckpointError):
     """Raised on every rank when one rank's part of the merge failed. `rank` is the rank
-    that failed; `origin` its exception class name."""
+    that failed; `origin` its exception class name. When that was a modkern error (e.g.
+    NonFiniteError), the exception raised is also an instance of that class."""
 
     def __init__(self, message: str, rank: int, origin: str):
         super().__init__(message)
         self.rank, self.origin = rank, origin
+
+
+_AGREED_CLASSES: dict[str, type] = {}
+
+
+def _agreed_error(message: str, rank: int, origin: str) -> DistributedMergeError:
+    """A DistributedMergeError that is also the failing rank's modkern error class."""
+    cls = getattr(errors, origin, None)
+    if not (isinstance(cls, type) and issubclass(cls, ModkernError)) or \
+            issubclass(DistributedMergeError, cls):
+        return DistributedMergeError(message, rank, origin)
+    if origin not in _AGREED_CLASSES:
+        _AGREED_CLASSES[origin] = type(origin, (DistributedMergeError, cls),
+                                       {"__module__": __name__})
+    return _AGREED_CLASSES[origin](message, rank, origin)
 
 
 class PeerLostError(CheckpointError):
@@ -114,7 +132,7 @@ def assign(planned: list[PlannedTensor], world: int, split_above: int
 
 class _Group:
     """The process group and the few collectives the merge needs, on CPU tensors (gloo).
-    A collective that fails (a rank died, or the timeout passed) becomes a CheckpointError."""
+    A collective that fails (a rank died, or the timeout passed) raises PeerLostError."""
 
     def __init__(self, timeout_s: float):
         import torch.distributed as dist
@@ -134,10 +152,10 @@ class _Group:
             return fn(*args, group=self.group, **kw)
         except RuntimeError as err:  # gloo: connection closed / timed out
             first = _first_sentence(str(err)) or type(err).__name__
-            raise PeerLostError(f"rank {self.rank}: lost contact with the other ranks "
-                                  f"while {what} ({first}); another rank failed, was killed or "
-                                  "did not answer in time: the merge is abandoned, OUT not "
-                                  "written") from None
+            raise PeerLostError(f"rank {self.rank}: lost contact with the other ranks while "
+                                f"{what} ({first}); another rank failed, was killed or did "
+                                "not answer in time: the merge is abandoned, OUT not "
+                                "written") from None
 
     def gather(self, obj, what: str) -> list:
         out = [None] * self.world
@@ -175,6 +193,9 @@ def _agree(group: _Group, err: BaseException | None, what: str, extra=None) -> l
     """Every rank says whether its step succeeded; if any failed, every rank raises the
     first failing rank's error. Returns every rank's `extra` otherwise."""
     mine = None if err is None else _describe(err)
+    if err is not None and not isinstance(err, (ModkernError, KeyboardInterrupt,
+                                                _OtherRankFailed)):
+        traceback.print_exception(err)  # not bad input: a bug or an OS error, keep its trace
     said = group.gather((mine, extra), what)
     failed = [(rank, f) for rank, (f, _) in enumerate(said) if f is not None]
     # A rank that only learnt of another's failure (a split tensor's all_reduce) defers.
@@ -184,7 +205,7 @@ def _agree(group: _Group, err: BaseException | None, what: str, extra=None) -> l
             message = f"rank {rank} was interrupted"
         elif not message.startswith("rank "):
             message = f"rank {rank}: {message}"
-        raise DistributedMergeError(message, rank, origin)
+        raise _agreed_error(message, rank, origin)
     return [e for _, e in said]
 
 
@@ -394,7 +415,7 @@ def _fail_for_test(how: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if how == "hang":  # a rank stuck (e.g. on a dead disk): the others must time out
         time.sleep(3600)
-    raise errors.CheckpointError(f"test failure injected by {_FAIL_ENV}")
+    raise CheckpointError(f"test failure injected by {_FAIL_ENV}")
 
 
 def _counts(report: MergeReport) -> dict:

@@ -18,7 +18,7 @@ import torch
 from _checkpoints import ROOT, ckpts, load_folder, run_cli  # noqa: F401  (session fixture)
 
 from modkern.checkpoint import merge_checkpoints, open_merge
-from modkern.distributed_merge import Part, assign
+from modkern.distributed_merge import DistributedMergeError, Part, _agreed_error, assign
 from modkern.errors import NonFiniteError
 from modkern.merge import merge_state_dicts
 from modkern.shard_writer import PlannedTensor
@@ -148,33 +148,32 @@ def test_equals_merge_state_dicts(ckpts, tmp_path):
 
 
 _API = """
-import json, sys, modkern
+import json, os, sys, modkern
 r = modkern.merge_checkpoints_distributed(sys.argv[1], sys.argv[2], sys.argv[3], 0.9,
                                           split_above=10000, progress=True)
-print(json.dumps({"rank": __import__("os").environ["RANK"], "merged": r.tensors_merged,
-                  "copied": r.tensors_copied, "elements": r.elements_merged,
-                  "taken": r.elements_taken, "by_key": r.taken_by_key,
-                  "written": r.bytes_written}))
+with open(os.path.join(sys.argv[4], "rank" + os.environ["RANK"] + ".json"), "w") as f:
+    json.dump({"merged": r.tensors_merged, "copied": r.tensors_copied,
+               "elements": r.elements_merged, "taken": r.elements_taken,
+               "by_key": r.taken_by_key, "written": r.bytes_written}, f)
 """
 
 
 def test_python_api_returns_totals_on_every_rank(ckpts, tmp_path):
-    script = tmp_path / "merge.py"
+    script, results = tmp_path / "merge.py", tmp_path / "results"
     script.write_text(_API)
-    out = tmp_path / "out"
+    results.mkdir()
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
                         "--master-addr=127.0.0.1", f"--master-port={_free_port()}", str(script),
-                        ckpts["llama_a"], ckpts["llama_b"], out], cwd=ROOT, capture_output=True,
-                       text=True, timeout=TIMEOUT)
+                        ckpts["llama_a"], ckpts["llama_b"], tmp_path / "out", results],
+                       cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr
     assert "modkern merge (rank 0 of 2)" in r.stderr and "rank 1 of" not in r.stderr
-    got = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    got = [json.loads((results / f"rank{k}.json").read_text()) for k in (0, 1)]
     single = merge_checkpoints(ckpts["llama_a"], ckpts["llama_b"], tmp_path / "single", 0.9,
                                progress=False)
     want = {"merged": single.tensors_merged, "copied": single.tensors_copied,
             "elements": single.elements_merged, "taken": single.elements_taken,
             "by_key": single.taken_by_key, "written": single.bytes_written}
-    assert sorted(g.pop("rank") for g in got) == ["0", "1"]
     assert got == [want, want]
     assert list(got[0]["by_key"]) == list(single.taken_by_key)  # BASE's order
 
@@ -250,6 +249,14 @@ def test_bad_weights_in_a_split_block_name_tensor_and_index(tmp_path):
     assert _modkern_lines(r.stderr) == [f"modkern merge: error: rank 1: {single.value}"]
     assert "flat index 1603" in r.stderr
     _assert_nothing_left(tmp_path, out)
+
+
+def test_agreed_error_keeps_the_failing_rank_class():
+    err = _agreed_error("rank 1: bad", 1, "NonFiniteError")
+    assert isinstance(err, NonFiniteError) and isinstance(err, DistributedMergeError)
+    assert err.rank == 1 and str(err) == "rank 1: bad"
+    assert type(_agreed_error("x", 0, "OSError")) is DistributedMergeError
+    assert type(_agreed_error("x", 0, "CheckpointError")) is DistributedMergeError
 
 
 def test_distributed_flag_needs_torchrun(ckpts, tmp_path):
