@@ -269,3 +269,5 @@ def test_distributed_flag_needs_torchrun(ckpts, tmp_path):
                 "--split-above", "1MB")
     assert r.returncode == 2 and "distributed merge only" in r.stderr
     assert list(tmp_path.iterdir()) == []
+    r = run_cli("merge", "--help")
+    assert all(opt in r.stdout for opt in ("--distributed", "--split-above", "--dist-timeout"))
