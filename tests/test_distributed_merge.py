@@ -134,11 +134,15 @@ def test_bit_identical_to_single_process(ckpts, tmp_path, nproc, case):
 
 
 def test_equals_merge_state_dicts(ckpts, tmp_path):
-    """Independently of the single-process merge: the loaded state dicts, merged in memory."""
+    """Independently of the single-process merge: the loaded state dicts, merged in memory
+    (every tensor split, 1-D ones too; an existing OUT replaced with --force)."""
     out = tmp_path / "out"
+    out.mkdir()
+    (out / "previous.txt").write_text("replaced by --force")
     r = torchrun(2, ckpts["llama_a"], ckpts["llama_b"], out, "--alpha", "0.8",
-                 "--split-above", "1", "--distributed")
+                 "--split-above", "1", "--distributed", "--force")
     assert r.returncode == 0, r.stderr
+    assert not (out / "previous.txt").exists()
     expected = merge_state_dicts(load_folder(ckpts["llama_a"]), load_folder(ckpts["llama_b"]),
                                  0.8)
     got = load_folder(out)
