@@ -33,10 +33,12 @@ _LAZY = {
     "generate": "generation",
     "merge_checkpoints": "checkpoint",
     "MergeReport": "checkpoint",
+    "merge_checkpoints_distributed": "distributed_merge",
 }
 
 if TYPE_CHECKING:
     from .checkpoint import MergeReport, merge_checkpoints
+    from .distributed_merge import merge_checkpoints_distributed
     from .generation import MixtureOfDistributions, generate
     from .merge import MergeStats, merge_state_dicts
     from .mix import mix_logits, mix_logits_many

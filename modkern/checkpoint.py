@@ -21,6 +21,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -144,18 +145,21 @@ def _check_space(out: Path, needed: int) -> None:
                               "at least that much free")
 
 
-def _nonfinite_t1(flat: torch.Tensor, file: Path, name: str) -> NonFiniteError:
+def _nonfinite_t1(flat: torch.Tensor, file: Path, name: str, first: int = 0
+                  ) -> NonFiniteError:
+    """`flat` holds the tensor's elements from flat index `first` on (a row block)."""
     bad = int(torch.nonzero(~torch.isfinite(flat))[0])
     return NonFiniteError(f"BASE {file}: tensor {name!r} has a non-finite value "
-                          f"{flat[bad].item()} at flat index {bad}; expected finite weights")
+                          f"{flat[bad].item()} at flat index {bad + first}; expected finite "
+                          "weights")
 
 
-def _nonfinite_t2(vals: torch.Tensor, idx: torch.Tensor, file: Path, name: str
-                  ) -> NonFiniteError:
+def _nonfinite_t2(vals: torch.Tensor, idx: torch.Tensor, file: Path, name: str,
+                  first: int = 0) -> NonFiniteError:
     k = int(torch.nonzero(~torch.isfinite(vals))[0])
     return NonFiniteError(f"OTHER {file}: tensor {name!r} has a non-finite value "
-                          f"{vals[k].item()} at flat index {int(idx[k])}, where the merge takes "
-                          "OTHER's weight; expected finite weights")
+                          f"{vals[k].item()} at flat index {int(idx[k]) + first}, where the "
+                          "merge takes OTHER's weight; expected finite weights")
 
 
 def _merge_cpu(t1: torch.Tensor, read_other: Callable[[torch.Tensor], torch.Tensor],
@@ -169,12 +173,21 @@ def _merge_cpu(t1: torch.Tensor, read_other: Callable[[torch.Tensor], torch.Tens
     mn, mx = torch.aminmax(flat)  # NaN propagates: caught just below
     if not bool(torch.isfinite(mn) & torch.isfinite(mx)):
         raise _nonfinite_t1(flat, files[0], name)
-    v = select_threshold(mn, mx, alpha, precision)
-    idx = selected_indices(flat, v)
+    return patch_selected(flat, select_threshold(mn, mx, alpha, precision), read_other,
+                          files, name)
+
+
+def patch_selected(flat: torch.Tensor, v: torch.Tensor,
+                   read_other: Callable[[torch.Tensor], torch.Tensor],
+                   files: tuple[Path, Path], name: str, first: int = 0) -> int:
+    """Replace the elements `>= v` of `flat` (finite, contiguous; a whole tensor or the block
+    of it that starts at flat index `first`) by OTHER's, read with `read_other(indices in
+    flat)`; return how many. v is select_threshold of the whole tensor's min and max."""
+    idx = selected_indices(flat, v).cpu()
     vals = read_other(idx).to(flat.dtype)
     if not bool(torch.isfinite(vals).all()):
-        raise _nonfinite_t2(vals, idx, files[1], name)
-    flat[idx] = vals
+        raise _nonfinite_t2(vals, idx, files[1], name, first)
+    flat[idx.to(flat.device)] = vals.to(flat.device)
     return idx.numel()
 
 
@@ -257,6 +270,118 @@ def merge_checkpoints(base: str | os.PathLike, other: str | os.PathLike,
     folder is untouched).
     """
     start = time.perf_counter()
+    with open_merge(base, other, out, alpha, include=include, exclude=exclude, strict=strict,
+                    precision=precision, device=device, dtype=dtype,
+                    max_shard_size=max_shard_size, force=force, full_hash=full_hash,
+                    extra_recipe=extra_recipe) as job:
+        report = job.new_report()
+        job.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = publish.temp_folder(job.out)
+        writer = BackgroundWriter(ShardWriter(tmp, job.shards))
+        bar = _progress_bar(progress, sum(s.nbytes for s in job.shards), len(job.planned))
+        delay = float(os.environ.get(_SLOW_ENV, "0") or 0)
+        done = 0
+        try:
+            for name, t1 in _prefetched(job.ck1):
+                t1 = job.merge_one(name, t1, report)
+                writer.write(name, t1)
+                del t1
+                done += 1
+                if bar is not None:
+                    bar.set_postfix_str(f"{done}/{len(job.planned)} tensors", refresh=False)
+                    bar.update(writer.bytes_written - bar.n)
+                if delay:
+                    time.sleep(delay)
+            writer.finish()
+            report.bytes_written = writer.bytes_written
+            report.bytes_read_base = job.ck1.bytes_read
+            report.bytes_read_other = job.ck2.bytes_read
+            report.seconds = time.perf_counter() - start
+            job.finish_folder(tmp, report)
+            publish.publish(tmp, job.out, replace=force)
+        except BaseException:
+            writer.abort()
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+@dataclass
+class MergeJob:
+    """A validated, planned merge with both checkpoints open (made by `open_merge`): what
+    every process of a merge needs, whether it writes the whole output or a part of it."""
+
+    base: Path
+    other: Path
+    out: Path
+    ck1: Checkpoint
+    ck2: Checkpoint
+    alpha: AlphaRule
+    include: Patterns
+    exclude: Patterns
+    strict: bool
+    precision: str
+    device: torch.device
+    out_dtype: torch.dtype | None
+    shard_bytes: int
+    full_hash: bool
+    extra_recipe: Mapping | None
+    plan: dict[str, float]          # merged tensors -> alpha; the others are copied
+    planned: list[PlannedTensor]    # every output tensor, in BASE's file order
+    shards: list                    # the output's shard plan (shard_writer.Shard)
+    copied: list[str]               # BASE's files copied beside the weights
+
+    def new_report(self) -> MergeReport:
+        return MergeReport(out=self.out, bytes_base=self.ck1.weight_bytes,
+                           bytes_other=self.ck2.weight_bytes)
+
+    def cast(self, t: torch.Tensor) -> torch.Tensor:
+        """The output dtype (--dtype) applied to a merged or copied tensor."""
+        if self.out_dtype is not None and t.is_floating_point() and t.dtype != self.out_dtype:
+            return t.to(self.out_dtype)
+        return t
+
+    def merge_one(self, name: str, t1: torch.Tensor, report: MergeReport) -> torch.Tensor:
+        """BASE's whole tensor `name` -> the output tensor, counted in `report`."""
+        if name in self.plan:
+            t1, taken = _merge_tensor(name, t1, self.ck1, self.ck2, self.plan[name],
+                                      self.precision, self.device)
+            report.tensors_merged += 1
+            report.elements_merged += t1.numel()
+            report.elements_taken += taken
+            report.taken_by_key[name] = taken
+        else:
+            report.tensors_copied += 1
+        return self.cast(t1)
+
+    def finish_folder(self, tmp: Path, report: MergeReport) -> None:
+        """Everything but the weights: config and tokenizer from BASE, the recipe, the
+        model card (the index is written with the shards)."""
+        inputs = {"base": recipe_io.describe_input(self.ck1, self.copied, self.full_hash),
+                  "other": recipe_io.describe_input(self.ck2, self.copied, self.full_hash)}
+        _copy_base_files(self.base, tmp, self.copied, self.out_dtype)
+        record = _recipe(inputs, self.alpha, self.include, self.exclude, self.strict,
+                         self.precision, self.out_dtype, self.shard_bytes, self.full_hash,
+                         report, self.ck1.names(), self.plan, self.extra_recipe)
+        recipe_io.write_recipe(tmp, record)
+        (tmp / "README.md").write_text(recipe_io.model_card(self.base, self.other, record),
+                                       encoding="utf-8")
+
+
+@contextmanager
+def open_merge(base: str | os.PathLike, other: str | os.PathLike, out: str | os.PathLike,
+               alpha: AlphaRule, *, include: Patterns = None, exclude: Patterns = None,
+               strict: bool = True, precision: str = "exact", device: str = "cpu",
+               dtype=None, max_shard_size: str | int = "5GB", force: bool = False,
+               full_hash: bool = False, extra_recipe: Mapping | None = None
+               ) -> Iterator[MergeJob]:
+    """Check everything that can be checked without tensor data (arguments, folders,
+    headers, keys, shapes, dtypes, alpha rules, output path, disk space), plan the output
+    shards, and yield a MergeJob with both checkpoints open. Arguments as merge_checkpoints."""
     check_precision(precision)
     if not isinstance(alpha, Mapping) and not callable(alpha):
         alpha = check_alpha(alpha)
@@ -301,69 +426,21 @@ def merge_checkpoints(base: str | os.PathLike, other: str | os.PathLike,
         needed = sum(s.nbytes + len(s.header()) for s in shards) + \
             sum((base_p / f).stat().st_size for f in copied) + (1 << 20)
         _check_space(out_p, needed)
-
-        report = MergeReport(out=out_p, bytes_base=ck1.weight_bytes,
-                             bytes_other=ck2.weight_bytes)
-        inputs = {"base": recipe_io.describe_input(ck1, copied, full_hash),
-                  "other": recipe_io.describe_input(ck2, copied, full_hash)}
-
-        out_p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = publish.temp_folder(out_p)
-        writer = BackgroundWriter(ShardWriter(tmp, shards))
-        bar = _progress_bar(progress, sum(s.nbytes for s in shards), len(planned))
-        delay = float(os.environ.get(_SLOW_ENV, "0") or 0)
-        done = 0
-        try:
-            for name, t1 in _prefetched(ck1):
-                if name in plan:
-                    t1, taken = _merge_tensor(name, t1, ck1, ck2, plan[name], precision, dev)
-                    report.tensors_merged += 1
-                    report.elements_merged += t1.numel()
-                    report.elements_taken += taken
-                    report.taken_by_key[name] = taken
-                else:
-                    report.tensors_copied += 1
-                if out_dtype is not None and t1.is_floating_point() and t1.dtype != out_dtype:
-                    t1 = t1.to(out_dtype)
-                writer.write(name, t1)
-                del t1
-                done += 1
-                if bar is not None:
-                    bar.set_postfix_str(f"{done}/{len(planned)} tensors", refresh=False)
-                    bar.update(writer.bytes_written - bar.n)
-                if delay:
-                    time.sleep(delay)
-            writer.finish()
-            report.bytes_written = writer.bytes_written
-            report.bytes_read_base, report.bytes_read_other = ck1.bytes_read, ck2.bytes_read
-            _copy_base_files(base_p, tmp, copied, out_dtype)
-            report.seconds = time.perf_counter() - start
-            record = _recipe(inputs, alpha, include, exclude, strict, precision, out_dtype,
-                             shard_bytes, full_hash, report, ck1.names(), plan, extra_recipe)
-            recipe_io.write_recipe(tmp, record)
-            (tmp / "README.md").write_text(recipe_io.model_card(base_p, other_p, record),
-                                           encoding="utf-8")
-            publish.publish(tmp, out_p, replace=force)
-        except BaseException:
-            writer.abort()
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        finally:
-            if bar is not None:
-                bar.close()
-    report.seconds = time.perf_counter() - start
-    return report
+        yield MergeJob(base_p, other_p, out_p, ck1, ck2, alpha, include, exclude, strict,
+                       precision, dev, out_dtype, shard_bytes, full_hash, extra_recipe, plan,
+                       planned, shards, copied)
 
 
-def _prefetched(ck: Checkpoint) -> Iterator[tuple[str, torch.Tensor]]:
-    """BASE's tensors in file order, each read by a background thread while the one before
-    is merged and written (positioned reads release the GIL).
+def _prefetched(ck: Checkpoint, names: list[str] | None = None
+                ) -> Iterator[tuple[str, torch.Tensor]]:
+    """BASE's tensors (all, or `names`) in file order, each read by a background thread
+    while the one before is merged and written (positioned reads release the GIL).
 
     Tensors live in a ring of _RING byte buffers sized to the largest tensor, reused
     rather than allocated per tensor (fresh memory costs a page fault per 4 KB). A yielded
     tensor is valid until _RING - 1 more have been yielded: one is being read, one merged,
     one written (BackgroundWriter keeps at most one write in flight)."""
-    names = ck.names()
+    names = ck.names() if names is None else names
     largest = max((ck.info(n).nbytes for n in names), default=0)
     ring = [torch.empty(largest, dtype=torch.uint8) for _ in range(min(_RING, len(names)))]
 

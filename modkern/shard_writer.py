@@ -85,6 +85,92 @@ def plan_shards(tensors: list[PlannedTensor], max_shard_size: int) -> list[Shard
     return shards
 
 
+def write_index(folder: Path, shards: list[Shard]) -> None:
+    """Write model.safetensors.index.json when there are several shards."""
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(s.nbytes for s in shards)},
+                 "weight_map": {t.name: s.file for s in shards for t in s.tensors}}
+        (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def data_offsets(shards: list[Shard]) -> dict[str, tuple[int, int]]:
+    """name -> (shard index, absolute byte offset of the tensor's data in that file)."""
+    where: dict[str, tuple[int, int]] = {}
+    for i, s in enumerate(shards):
+        pos = len(s.header())
+        for t in s.tensors:
+            where[t.name] = (i, pos)
+            pos += t.nbytes
+    return where
+
+
+def preallocate(folder: Path, shards: list[Shard]) -> None:
+    """Create every shard file at its final size: header written, data left to be filled
+    (sparse) by PositionedWriter, possibly from several processes at once."""
+    for s in shards:
+        with open(folder / s.file, "wb") as f:
+            f.write(s.header())
+            f.truncate(len(s.header()) + s.nbytes)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+class PositionedWriter:
+    """Writes tensors, or row blocks of tensors, at their planned place in preallocated
+    shard files (see `preallocate`) with positioned writes: any subset of the tensors, in
+    any order, so that several processes can fill one set of shards. Same `write`/`finish`/
+    `abort` interface as ShardWriter (usable under BackgroundWriter)."""
+
+    def __init__(self, folder: Path, shards: list[Shard]):
+        self.folder = folder
+        self.shards = shards
+        self._where = data_offsets(shards)
+        self._planned = {t.name: t for s in shards for t in s.tensors}
+        self._fds: dict[int, int] = {}
+        self.bytes_written = 0
+
+    def _fd(self, shard: int) -> int:
+        if shard not in self._fds:
+            self._fds[shard] = os.open(self.folder / self.shards[shard].file,
+                                       os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+        return self._fds[shard]
+
+    def write(self, name: str, tensor: torch.Tensor, row: int = 0) -> None:
+        """Write `tensor` as tensor `name`'s rows starting at `row` (the whole tensor when
+        row is 0 and the shapes agree); dtype and trailing dimensions must be as planned."""
+        planned = self._planned[name]
+        rows = tensor.shape[0] if tensor.dim() else 1
+        fits = (tensor.dim() > 0) == (len(planned.shape) > 0) and \
+            tuple(tensor.shape[1:]) == planned.shape[1:] and \
+            0 <= row and row + rows <= (planned.shape[0] if planned.shape else 1)
+        if tensor.dtype != planned.dtype or not fits:
+            raise CheckpointError(f"internal: writing {name!r} {tensor.dtype} "
+                                  f"{list(tensor.shape)} at row {row}, planned "
+                                  f"{planned.dtype} {list(planned.shape)}")
+        shard, start = self._where[name]
+        data = tensor.detach().to("cpu").contiguous().view(-1)
+        row_bytes = data.element_size() * math.prod(planned.shape[1:])
+        view = memoryview(data.view(torch.uint8).numpy()) if data.numel() else memoryview(b"")
+        pos, fd = start + row * row_bytes, self._fd(shard)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], pos + done)
+        self.bytes_written += len(view)
+
+    def finish(self) -> None:
+        """Flush this process's writes to disk (fsync) and close its files."""
+        try:
+            for fd in self._fds.values():
+                os.fsync(fd)
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
 class ShardWriter:
     """Writes planned shards into `folder`, tensor by tensor, in plan order."""
 
@@ -135,10 +221,7 @@ class ShardWriter:
             if not s.tensors and i != self._shard:
                 self._open(i)
         self._close()
-        if len(self.shards) > 1:
-            index = {"metadata": {"total_size": sum(s.nbytes for s in self.shards)},
-                     "weight_map": {t.name: s.file for s in self.shards for t in s.tensors}}
-            (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        write_index(self.folder, self.shards)
 
     def abort(self) -> None:
         if self._file is not None:
@@ -165,9 +248,9 @@ class BackgroundWriter:
             pending, self._pending = self._pending, None
             pending.result()
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor, *where) -> None:
         self._wait()
-        self._pending = self._pool.submit(self.writer.write, name, tensor)
+        self._pending = self._pool.submit(self.writer.write, name, tensor, *where)
 
     def finish(self) -> None:
         try:

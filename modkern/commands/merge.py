@@ -11,10 +11,11 @@ when complete (a killed merge leaves no OUT, or the previous one with --force).
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
-from ..errors import AlphaError, CheckpointError
+from ..errors import AlphaError, CheckpointError, ModkernError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -58,6 +59,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--full-hash", action="store_true",
                    help="record the sha256 of every input weight file in the recipe (reads "
                    "all of OTHER); default: sha256 of each file's header and its size")
+    p.add_argument("--distributed", action="store_true",
+                   help="run as one rank of a torch.distributed job (implied when started "
+                   "by torchrun with more than one process): `torchrun --nproc-per-node N "
+                   "-m modkern merge ...` splits the tensors over N processes")
+    p.add_argument("--split-above", default=None, metavar="SIZE",
+                   help="distributed: split tensors larger than this over all ranks by rows "
+                   "(default 4GB; e.g. 500MB or a number of bytes)")
+    p.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
+                   help="distributed: how long a rank waits for the others before the merge "
+                   "fails (default 1800)")
     p.add_argument("--quiet", "-q", action="store_true",
                    help="no progress bar and no summary line")
     p.set_defaults(command="merge")
@@ -92,8 +103,52 @@ def _terminate(signum, frame):  # SIGTERM: unwind like Ctrl-C so the temp folder
     raise KeyboardInterrupt
 
 
-def run(args: argparse.Namespace) -> int:
+def _merge_function(args: argparse.Namespace):
+    """merge_checkpoints, or its distributed form under torchrun / --distributed; this
+    process's rank; the options only the distributed form takes."""
     from ..checkpoint import merge_checkpoints
+    from ..distributed_merge import launched_by_torchrun, merge_checkpoints_distributed
+    from ..shard_writer import parse_size
+
+    if not (args.distributed or launched_by_torchrun()):
+        for opt, value in (("--split-above", args.split_above),
+                           ("--dist-timeout", args.dist_timeout)):
+            if value is not None:
+                raise CheckpointError(f"{opt} applies to a distributed merge only; launch "
+                                      "with torchrun --nproc-per-node N -m modkern merge ...")
+        return merge_checkpoints, 0, {}
+    if not os.environ.get("RANK") or not os.environ.get("WORLD_SIZE"):
+        raise CheckpointError("--distributed: no torch.distributed environment (RANK and "
+                              "WORLD_SIZE unset); launch with torchrun --nproc-per-node N "
+                              "-m modkern merge ...")
+    options = {}
+    if args.split_above is not None:
+        options["split_above"] = parse_size(args.split_above)
+    if args.dist_timeout is not None:
+        options["timeout_s"] = args.dist_timeout
+    return merge_checkpoints_distributed, int(os.environ["RANK"]), options
+
+
+def run(args: argparse.Namespace) -> int:
+    args.merge_started = False
+    try:
+        return _run(args)
+    except ModkernError as err:
+        from ..distributed_merge import DistributedMergeError, launched_by_torchrun
+
+        distributed = args.distributed or launched_by_torchrun()
+        same_on_all = isinstance(err, DistributedMergeError) or not args.merge_started
+        if distributed and (os.environ.get("RANK") or "0") != "0" and same_on_all:
+            return 2  # every rank has this error (agreed, or the same bad arguments):
+            # rank 0 prints it, once
+        raise
+    finally:
+        # torchrun sends SIGTERM to the other ranks when one fails: once this rank's merge
+        # has cleaned up, let it end the process plainly.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..paper_config import load_paper_config
     from ..recipe import load_rules
 
@@ -117,8 +172,10 @@ def run(args: argparse.Namespace) -> int:
         raise AlphaError("no alpha: pass --alpha 0.9 (or PATTERN=VALUE rules), --recipe or "
                          "--config")
     signal.signal(signal.SIGTERM, _terminate)
-    report = merge_checkpoints(
-        base, other, out, alpha,
+    merge, rank, extra_options = _merge_function(args)
+    args.merge_started = True
+    report = merge(
+        base, other, out, alpha, **extra_options,
         include=args.include or rules.get("include"),
         exclude=args.exclude or rules.get("exclude"),
         strict=args.strict if args.strict is not None else rules.get("strict", True),
@@ -127,6 +184,6 @@ def run(args: argparse.Namespace) -> int:
         max_shard_size=args.max_shard_size, force=args.force,
         progress=False if args.quiet else None, full_hash=args.full_hash,
         extra_recipe=extra)
-    if not args.quiet:
+    if not args.quiet and rank == 0:
         print(f"modkern merge: {report.summary()}", file=sys.stdout)
     return 0
