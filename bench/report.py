@@ -3,8 +3,9 @@
     python bench/report.py results.json [more.json ...] > table.md
 
 One table per benchmark group: each row's mean time, its achieved rate on the byte floor
-it declares (extra_info "bytes_floor", "gb_per_s"), and its speed relative to the group's
-eager-torch peer (the row whose impl name contains "eager").
+it declares (extra_info "bytes_floor"), its speed relative to the group's eager-torch peer
+(the row whose impl name contains "eager") and, where recorded, its peak memory
+(extra_info "peak_mem_mb").
 """
 
 from __future__ import annotations
@@ -27,17 +28,21 @@ def rows_by_group(paths: list[str]) -> dict[str, list[dict]]:
 def table(group: str, benches: list[dict]) -> str:
     eager = [b for b in benches if "eager" in b["extra_info"].get("impl", "")]
     base = eager[0]["stats"]["mean"] if eager else None
-    lines = [f"**{group}**", "",
-             "| implementation | mean (ms) | floor (MB) | GB/s on floor | vs eager |",
-             "|---|---:|---:|---:|---:|"]
+    with_memory = any("peak_mem_mb" in b["extra_info"] for b in benches)
+    header = "| implementation | mean (ms) | floor (MB) | GB/s on floor | vs eager |"
+    lines = [f"**{group}**", "", header + (" peak memory (MB) |" if with_memory else ""),
+             "|---|---:|---:|---:|---:|" + ("---:|" if with_memory else "")]
     for b in sorted(benches, key=lambda b: b["stats"]["mean"]):
         info, mean = b["extra_info"], b["stats"]["mean"]
         floor = info.get("bytes_floor")
-        speed = f"{base / mean:.1f}x" if base else ""
-        lines.append(f"| {info.get('impl', b['name'])} | {mean * 1e3:.3f} | "
-                     f"{floor / 1e6:.1f} | {info.get('gb_per_s', 0):.2f} | {speed} |"
-                     if floor else
-                     f"| {info.get('impl', b['name'])} | {mean * 1e3:.3f} | | | {speed} |")
+        cells = [info.get("impl", b["name"]), f"{mean * 1e3:.3f}",
+                 f"{floor / 1e6:.1f}" if floor else "",
+                 f"{floor / mean / 1e9:.2f}" if floor else "",
+                 f"{base / mean:.1f}x" if base else ""]
+        if with_memory:
+            memory = info.get("peak_mem_mb")
+            cells.append(f"{memory:.0f}" if memory is not None else "")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
