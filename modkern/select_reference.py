@@ -86,19 +86,23 @@ def _from_ordered(o: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return bits.to(_INT_OF[size]).view(dtype)
 
 
-def _narrow_to_estimate(lo, hi, mn, mx, a, takes_t2, reach: int = 16):
-    """Shrink [lo, hi] to a few values around the float64 estimate mn + a * (mx - mn),
-    where the bracket provably holds the answer (takes_t2 false just below it, true at its
-    top); elsewhere keep [lo, hi]. The search stays exact, and usually takes 5 steps, not
-    one per bit."""
+def _answer_near_estimate(lo, hi, mn, mx, a, takes_t2, reach: int = 16):
+    """Look for the answer among the 2 * reach + 2 representable values around the float64
+    estimate mn + a * (mx - mn), all evaluated at once: where the window provably holds it
+    (takes_t2 false at the window's first value, or that value is lo, and true further on)
+    return [answer, answer]; elsewhere keep [lo, hi]. Exact either way; usually no
+    bisection step is left, so the search costs one vectorized evaluation."""
     dtype = mn.dtype
     estimate = mn.double() + a.double() * (mx.double() - mn.double())
     guess = _to_ordered(estimate.to(dtype))
-    low = torch.maximum(torch.minimum(guess - reach, hi), lo)
-    high = torch.minimum(torch.maximum(guess + reach, lo), hi)
-    holds = takes_t2(_from_ordered(high, dtype)) & (
-        (low == lo) | ~takes_t2(_from_ordered(low - 1, dtype)))
-    return torch.where(holds, low, lo), torch.where(holds, high, hi)
+    steps = torch.arange(-reach - 1, reach + 1, device=mn.device)
+    window = torch.minimum(torch.maximum(guess[..., None] + steps, lo[..., None]),
+                           hi[..., None])  # ascending, clamped to [lo, hi]
+    take = takes_t2(_from_ordered(window, dtype), mn[..., None], mx[..., None], a[..., None])
+    first = take.to(torch.uint8).argmax(dim=-1, keepdim=True)  # first True, if any
+    answer = window.gather(-1, first).squeeze(-1)
+    found = take.any(dim=-1) & (~take[..., 0] | (window[..., 0] == lo))
+    return torch.where(found, answer, lo), torch.where(found, answer, hi)
 
 
 def select_threshold(mn: torch.Tensor, mx: torch.Tensor, alpha: float | torch.Tensor,
@@ -107,20 +111,21 @@ def select_threshold(mn: torch.Tensor, mx: torch.Tensor, alpha: float | torch.Te
 
     mn, mx: the (finite) minimum and maximum of t1, in t1's dtype, one per tensor (any
     shape, e.g. [K] for K tensors at once); alpha a float or a tensor broadcast with them.
-    The result is exact: a binary search over the representable values of t1's dtype
-    between mn and mx, evaluating the formula itself at each step. v = +inf means "keep all
+    The result is exact: the formula itself evaluated on representable values of t1's
+    dtype between mn and mx, first on a window around a float64 estimate, then (where
+    the window does not settle it) by binary search. v = +inf means "keep all
     of t1" (a constant tensor with alpha > 0); v = mn means "take all of t2"."""
     dtype = mn.dtype
     a = alpha_tensor(alpha, dtype, precision, mn.device)
 
-    def takes_t2(x: torch.Tensor) -> torch.Tensor:
+    def takes_t2(x: torch.Tensor, mn=mn, mx=mx, a=a) -> torch.Tensor:
         return ~(normalized(x, mn, mx, precision) < a)
 
     lo, hi = _to_ordered(mn), _to_ordered(mx)
     lo, hi = torch.broadcast_tensors(lo, hi)
     # Invariant: the answer lies in [lo, hi]; takes_t2(mx) holds whenever mx > mn and
     # alpha <= 1 (norm(mx) is exactly 1), so hi starts as a valid answer.
-    lo, hi = _narrow_to_estimate(lo, hi, mn, mx, a, takes_t2)
+    lo, hi = _answer_near_estimate(lo, hi, mn, mx, a, takes_t2)
     while bool((lo < hi).any()):  # at most one step per bit of the dtype
         mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without overflow
         go_low = takes_t2(_from_ordered(mid, dtype))
