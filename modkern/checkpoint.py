@@ -32,8 +32,9 @@ from . import publish, recipe as recipe_io
 from ._version import __version__
 from .errors import BackendError, CheckpointError, DTypeError, ModkernError, NonFiniteError
 from .hf_checkpoint import Checkpoint
-from .merge import AlphaRule, Patterns, _plan, check_keys, name_filter
-from .select import check_alpha, check_precision
+from .merge import AlphaRule, Patterns, _pattern_list, _plan, check_alpha_rule, check_keys, \
+    exact_pattern, name_filter
+from .select import check_precision
 from .select_reference import select_threshold
 from .select_torch import selected_indices
 from .shard_writer import (BackgroundWriter, PlannedTensor, ShardWriter, parse_size,
@@ -96,7 +97,6 @@ def _size(n: int) -> str:
         if abs(n) < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1000
-    return str(n)
 
 
 def parse_dtype(dtype) -> torch.dtype | None:
@@ -162,24 +162,31 @@ def _nonfinite_t2(vals: torch.Tensor, idx: torch.Tensor, file: Path, name: str,
                           "merge takes OTHER's weight; expected finite weights")
 
 
-def _merge_cpu(t1: torch.Tensor, read_other: Callable[[torch.Tensor], torch.Tensor],
-               alpha: float, precision: str, files: tuple[Path, Path], name: str) -> int:
-    """Patch t1 (contiguous, CPU) in place with OTHER's elements where selected; return how
-    many. The steps of modkern.mod_select (min/max, exact threshold, take where t1 >= v),
-    with OTHER read only at the selected indices."""
-    flat = t1.view(-1)
+def checked_minmax(flat: torch.Tensor, file: Path, name: str, first: int = 0
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """min and max of BASE's `flat` (a whole tensor, or its block from flat index `first`),
+    or the NonFiniteError naming the file, tensor and index (NaN propagates to min/max)."""
+    mn, mx = torch.aminmax(flat)
+    if not bool(torch.isfinite(mn) & torch.isfinite(mx)):
+        raise _nonfinite_t1(flat.cpu(), file, name, first)
+    return mn, mx
+
+
+def _merge_flat(flat: torch.Tensor, read_other: Callable[[torch.Tensor], torch.Tensor],
+                alpha: float, precision: str, files: tuple[Path, Path], name: str) -> int:
+    """Patch the contiguous 1-D `flat` (t1, on the CPU or a GPU) in place with OTHER's
+    elements where selected; return how many. The steps of modkern.mod_select (min/max,
+    exact threshold, take where t1 >= v), with OTHER read only at the selected indices."""
     if flat.numel() == 0:
         return 0
-    mn, mx = torch.aminmax(flat)  # NaN propagates: caught just below
-    if not bool(torch.isfinite(mn) & torch.isfinite(mx)):
-        raise _nonfinite_t1(flat, files[0], name)
-    return patch_selected(flat, select_threshold(mn, mx, alpha, precision), read_other,
-                          files, name)
+    mn, mx = checked_minmax(flat, files[0], name)
+    return patch_from_other(flat, select_threshold(mn, mx, alpha, precision), read_other,
+                            files, name)
 
 
-def patch_selected(flat: torch.Tensor, v: torch.Tensor,
-                   read_other: Callable[[torch.Tensor], torch.Tensor],
-                   files: tuple[Path, Path], name: str, first: int = 0) -> int:
+def patch_from_other(flat: torch.Tensor, v: torch.Tensor,
+                     read_other: Callable[[torch.Tensor], torch.Tensor],
+                     files: tuple[Path, Path], name: str, first: int = 0) -> int:
     """Replace the elements `>= v` of `flat` (finite, contiguous; a whole tensor or the block
     of it that starts at flat index `first`) by OTHER's, read with `read_other(indices in
     flat)`; return how many. v is select_threshold of the whole tensor's min and max."""
@@ -191,31 +198,17 @@ def patch_selected(flat: torch.Tensor, v: torch.Tensor,
     return idx.numel()
 
 
-def _merge_cuda(t1: torch.Tensor, read_other: Callable[[torch.Tensor], torch.Tensor],
-                other_dtype: torch.dtype, alpha: float, precision: str,
-                files: tuple[Path, Path], name: str, device: torch.device
-                ) -> tuple[torch.Tensor, int]:
-    """The GPU route: find the selected indices on the GPU, read those elements of OTHER,
-    scatter them into an otherwise zero t2 (mod_select reads t2 only where selected) and
-    run modkern.mod_select (the Triton kernels). Returns the merged tensor on the CPU and
-    the number of elements taken from OTHER."""
-    from .select import mod_select
-
-    g1 = t1.to(device)  # a synchronous copy: t1's buffer is reused for a later tensor
-    flat = g1.view(-1)
-    if flat.numel() == 0:
-        return t1, 0
-    mn, mx = torch.aminmax(flat)
-    if not bool(torch.isfinite(mn) & torch.isfinite(mx)):
-        raise _nonfinite_t1(flat.cpu(), files[0], name)
-    v = select_threshold(mn, mx, alpha, precision)
-    idx = torch.nonzero(flat >= v).flatten().cpu()
-    vals = read_other(idx)
-    if not bool(torch.isfinite(vals.to(t1.dtype)).all()):
-        raise _nonfinite_t2(vals.to(t1.dtype), idx, files[1], name)
-    g2 = torch.zeros(t1.shape, dtype=other_dtype, device=device)
-    g2.view(-1)[idx.to(device)] = vals.to(device)
-    return mod_select(g1, g2, alpha, precision=precision, name=name).cpu(), idx.numel()
+def _merge_on(t1: torch.Tensor, read_other: Callable[[torch.Tensor], torch.Tensor],
+              alpha: float, precision: str, files: tuple[Path, Path], name: str,
+              device: torch.device) -> tuple[torch.Tensor, int]:
+    """Merge t1 (read, contiguous, on the CPU) on `device`; return the merged tensor on the
+    CPU and the number of elements taken. On a GPU the selection runs there (t1 is copied
+    over: its CPU buffer is reused for a later tensor)."""
+    if device.type == "cpu":
+        return t1, _merge_flat(t1.view(-1), read_other, alpha, precision, files, name)
+    flat = t1.to(device).view(-1)
+    taken = _merge_flat(flat, read_other, alpha, precision, files, name)
+    return flat.view(t1.shape).cpu(), taken
 
 
 def _merge_tensor(name: str, t1: torch.Tensor, ck1: Checkpoint, ck2: Checkpoint, alpha: float,
@@ -227,11 +220,8 @@ def _merge_tensor(name: str, t1: torch.Tensor, ck1: Checkpoint, ck2: Checkpoint,
     def read_other(idx: torch.Tensor) -> torch.Tensor:
         return reader.read_elements(name, idx)
 
-    files = (ck1.where[name].path, reader.path)
-    if device.type == "cuda":
-        return _merge_cuda(t1, read_other, ck2.info(name).dtype, alpha, precision, files, name,
-                           device)
-    return t1, _merge_cpu(t1, read_other, alpha, precision, files, name)
+    return _merge_on(t1, read_other, alpha, precision, (ck1.where[name].path, reader.path),
+                     name, device)
 
 
 def merge_checkpoints(base: str | os.PathLike, other: str | os.PathLike,
@@ -383,8 +373,7 @@ def open_merge(base: str | os.PathLike, other: str | os.PathLike, out: str | os.
     headers, keys, shapes, dtypes, alpha rules, output path, disk space), plan the output
     shards, and yield a MergeJob with both checkpoints open. Arguments as merge_checkpoints."""
     check_precision(precision)
-    if not isinstance(alpha, Mapping) and not callable(alpha):
-        alpha = check_alpha(alpha)
+    alpha = check_alpha_rule(alpha)
     out_dtype = parse_dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
     dev = torch.device(device)
@@ -491,16 +480,19 @@ def _copy_base_files(base: Path, tmp: Path, copied: list[str],
 
 def _recipe(inputs, alpha, include, exclude, strict, precision, out_dtype, shard_bytes,
             full_hash, report: MergeReport, names, plan, extra) -> dict:
-    def patterns(p):
-        return None if p is None else ([p] if isinstance(p, str) else list(p))
-
+    exclude = _pattern_list(exclude)
+    if callable(alpha) and not isinstance(alpha, Mapping):
+        # a function is recorded as its values: per merged tensor an exact-name pattern,
+        # and the tensors it left unmerged join `exclude`, so the recipe reruns as is
+        skipped = [exact_pattern(n) for n in names if plan.get(n) is None]
+        exclude = (exclude or []) + skipped if skipped else exclude
     record = {
         "modkern_version": __version__,
         "method": "mod-weight-select",
         "inputs": inputs,
-        "alpha": recipe_io.alpha_record(alpha, names, plan),
-        "include": patterns(include),
-        "exclude": patterns(exclude),
+        "alpha": recipe_io.alpha_record(alpha, plan),
+        "include": _pattern_list(include),
+        "exclude": exclude,
         "precision": precision,
         "strict": strict,
         "dtype": None if out_dtype is None else str(out_dtype).removeprefix("torch."),

@@ -40,8 +40,8 @@ from pathlib import Path
 import torch
 
 from . import errors, publish
-from .checkpoint import (MergeJob, MergeReport, _nonfinite_t1, _prefetched, _progress_bar,
-                         open_merge, patch_selected)
+from .checkpoint import (MergeJob, MergeReport, _prefetched, _progress_bar, checked_minmax,
+                         open_merge, patch_from_other)
 from .errors import CheckpointError, ModkernError
 from .select_reference import select_threshold
 from .shard_writer import BackgroundWriter, PlannedTensor, PositionedWriter, preallocate, \
@@ -365,11 +365,8 @@ def _merge_rows(group: _Group, job: MergeJob, part: Part, writer: BackgroundWrit
                 job.ck1.where[name].read_into(block, info.offset + a * row_elems *
                                               info.itemsize)
             if merged and block.numel():
-                flat = block.view(-1).to(job.device)
-                mn, mx = torch.aminmax(flat)
-                if not bool(torch.isfinite(mn) & torch.isfinite(mx)):
-                    raise _nonfinite_t1(flat.cpu(), job.ck1.where[name].path, name,
-                                        a * row_elems)
+                flat = block.view(-1).to(job.device)  # kept for the select below
+                mn, mx = checked_minmax(flat, job.ck1.where[name].path, name, a * row_elems)
                 local[0], local[1] = -mn.double().cpu(), mx.double().cpu()
         except BaseException as e:  # noqa: BLE001 - reported after the all_reduce
             err = e
@@ -390,9 +387,8 @@ def _merge_rows(group: _Group, job: MergeJob, part: Part, writer: BackgroundWrit
                 mx = local[1].to(info.dtype)
                 v = select_threshold(mn, mx, job.plan[name], job.precision).to(job.device)
                 reader = job.ck2.where[name]
-                first = a * (info.numel // info.shape[0])
-                flat = block.view(-1).to(job.device)
-                taken = patch_selected(
+                first = a * row_elems
+                taken = patch_from_other(
                     flat, v, lambda idx: reader.read_elements(name, idx + first),
                     (job.ck1.where[name].path, reader.path), name, first)
                 block = flat.cpu().view(block.shape)

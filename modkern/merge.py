@@ -35,6 +35,17 @@ def matches(name: str, pattern: str) -> bool:
     return pattern in name
 
 
+def exact_pattern(name: str) -> str:
+    """A pattern that matches `name` and nothing else: a glob (so it must match the whole
+    name) with its special characters escaped as one-character sets, e.g. "[m]odel.norm"."""
+    escaped = "".join(f"[{c}]" if c in "*?[" else c for c in name)
+    if escaped != name:
+        return escaped
+    # no glob character yet: make one of a plain character (not one a set treats specially)
+    i = next((i for i, c in enumerate(name) if c not in "!^]-"), None)
+    return name if i is None else f"{name[:i]}[{name[i]}]{name[i + 1:]}"
+
+
 def _pattern_list(patterns: Patterns) -> list[str] | None:
     if patterns is None:
         return None
@@ -52,6 +63,15 @@ def name_filter(include: Patterns = None, exclude: Patterns = None) -> Callable[
         return not any(matches(name, p) for p in exc)
 
     return keep
+
+
+def check_alpha_rule(rule: AlphaRule) -> AlphaRule:
+    """The rule with every number checked up front (a float, or each value of a mapping,
+    matched or not), so a bad alpha fails before any work; functions are checked per call."""
+    if isinstance(rule, Mapping):
+        return {pattern: check_alpha(value, f"alpha for pattern {pattern!r}")
+                for pattern, value in rule.items()}
+    return rule if callable(rule) else check_alpha(rule)
 
 
 def alpha_for(rule: AlphaRule, name: str) -> float | None:
@@ -133,6 +153,7 @@ def merge_state_dicts(sd1: Mapping[str, torch.Tensor], sd2: Mapping[str, torch.T
     merge that raises on a tensor's validation, except tensors already merged in place.
     """
     check_precision(precision)
+    alpha = check_alpha_rule(alpha)
     if strict:
         check_keys(sd1, sd2)
     plan = _plan(sd1, sd2, alpha, name_filter(include, exclude))

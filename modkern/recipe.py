@@ -17,6 +17,7 @@ import yaml
 
 from ._version import __version__
 from .errors import CheckpointError
+from .merge import exact_pattern
 
 RECIPE = "modkern_recipe.yaml"
 RULE_KEYS = ("alpha", "include", "exclude", "precision", "strict", "dtype")
@@ -52,14 +53,15 @@ def describe_input(ckpt, copied: list[str], full_hash: bool) -> dict[str, Any]:
     return {"path": str(ckpt.folder), "files": files}
 
 
-def alpha_record(alpha, names: list[str], alphas: dict[str, float | None]) -> Any:
+def alpha_record(alpha, plan: dict[str, float]) -> Any:
     """alpha as the recipe writes it: the float or mapping itself; a function is recorded as
-    its value per tensor (null: not merged)."""
+    its value per merged tensor, under an exact-name pattern (what it left unmerged is
+    recorded by the caller as excluded)."""
     if isinstance(alpha, (int, float)):
         return float(alpha)
     if isinstance(alpha, dict) or hasattr(alpha, "items"):
         return {str(k): float(v) for k, v in alpha.items()}
-    return {n: alphas.get(n) for n in names}
+    return {exact_pattern(n): a for n, a in plan.items()}
 
 
 def write_recipe(folder: Path, recipe: dict[str, Any]) -> None:

@@ -55,7 +55,7 @@ class TensorInfo:
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     def meta(self) -> torch.Tensor:
         """A tensor on the meta device with this dtype and shape (for validation helpers
@@ -133,8 +133,9 @@ class SafetensorsReader:
         self._lock = threading.Lock()
         try:
             self.size = os.fstat(self.fd).st_size
-            advice = os.POSIX_FADV_RANDOM if pattern == "random" else os.POSIX_FADV_SEQUENTIAL
-            if hasattr(os, "posix_fadvise"):
+            if hasattr(os, "posix_fadvise"):  # not on every platform (macOS)
+                advice = (os.POSIX_FADV_RANDOM if pattern == "random"
+                          else os.POSIX_FADV_SEQUENTIAL)
                 os.posix_fadvise(self.fd, 0, 0, advice)
             if self.size < 8:
                 raise CheckpointError(f"{self.path}: truncated: {self.size} bytes, expected a "

@@ -22,6 +22,10 @@ from .errors import AlphaError, DTypeError, NonFiniteError, OptionError, ShapeMi
 from .select_reference import PRECISIONS, alpha_tensor, normalized, select_threshold
 
 
+# The dtypes the select computes in (float8 has no min/max or arithmetic on the CPU).
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
 def check_alpha(alpha: float, where: str = "alpha") -> float:
     """alpha as a Python float, or AlphaError if it is not a real number in [0, 1]."""
     if isinstance(alpha, torch.Tensor) and alpha.numel() == 1:
@@ -51,9 +55,10 @@ def check_pair(t1: torch.Tensor, t2: torch.Tensor, name: str | None = None) -> N
     for label, t in (("model 1 (base)", t1), ("model 2 (other)", t2)):
         if not isinstance(t, torch.Tensor):
             raise DTypeError(f"{what}: {label} is a {type(t).__name__}, expected a torch.Tensor")
-        if not t.is_floating_point():
-            raise DTypeError(f"{what}: {label} has dtype {t.dtype}, expected a floating-point "
-                             "tensor")
+        if t.dtype not in FLOAT_DTYPES:
+            kind = "float8 is not supported" if t.is_floating_point() else "not floating point"
+            raise DTypeError(f"{what}: {label} has dtype {t.dtype} ({kind}), expected one of "
+                             "bfloat16, float16, float32, float64")
     if t1.shape != t2.shape:
         raise ShapeMismatchError(f"{what}: shapes differ: model 1 (base) has "
                                  f"{list(t1.shape)}, model 2 (other) has {list(t2.shape)}")

@@ -14,11 +14,8 @@ per-element division, and blocks whose maximum is below v need nothing from t2.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-Precision = Literal["exact", "reference"]
 PRECISIONS = ("exact", "reference")
 
 
@@ -67,23 +64,23 @@ def mod_select_reference(t1: torch.Tensor, t2: torch.Tensor, alpha: float,
 
 # --- the threshold -----------------------------------------------------------------------
 
-_INT_OF = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+INT_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # same-width int views
 
 
 def _to_ordered(x: torch.Tensor) -> torch.Tensor:
     """Map floats to int64 so that the integer order is the float order (-0 and +0 meet)."""
     width = x.element_size() * 8
-    bits = x.view(_INT_OF[x.element_size()]).to(torch.int64)
+    bits = x.view(INT_OF_SIZE[x.element_size()]).to(torch.int64)
     int_min = -(1 << (width - 1))
     return torch.where(bits >= 0, bits, int_min - bits)
 
 
 def _from_ordered(o: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Inverse of `_to_ordered`."""
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize
     int_min = -(1 << (size * 8 - 1))
     bits = torch.where(o >= 0, o, int_min - o)
-    return bits.to(_INT_OF[size]).view(dtype)
+    return bits.to(INT_OF_SIZE[size]).view(dtype)
 
 
 def _answer_near_estimate(lo, hi, mn, mx, a, takes_t2, reach: int = 16):

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from .select_reference import INT_OF_SIZE
+
 BLOCK = 4096
 
 HOT_GROUP = 256  # blocks patched per step
@@ -24,7 +26,6 @@ HOT_GROUP = 256  # blocks patched per step
 # search (about 0.3 ms of small torch ops): norms and biases take that path.
 DIRECT_MAX = 1 << 14
 
-_INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def minmax(src: torch.Tensor, copy_to: torch.Tensor | None = None
@@ -45,7 +46,7 @@ def hot_blocks(flat: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     if bool(v > 0):
         # Finite floats and their bits share one order on the non-negative side, and every
         # negative float's bits are negative integers: for v > 0, x >= v <=> bits(x) >= bits(v).
-        as_int = _INT_VIEW[flat.element_size()]
+        as_int = INT_OF_SIZE[flat.element_size()]
         bits, threshold = flat.view(as_int), v.reshape(1).view(as_int)
     else:
         bits, threshold = flat, v.reshape(1)

@@ -197,11 +197,12 @@ def test_other_in_another_dtype(tmp_path):
     assert torch.equal(got, merge_state_dicts(sd1, sd2, 0.6)["w"])
 
 
-def test_gpu_route_logic_on_cpu(ckpts):
-    """The --device cuda route (indices, scattered t2, modkern.mod_select) run with CPU
-    tensors: it must agree with the CPU route. (No GPU here; on one, the same code runs
-    the Triton kernels.)"""
-    from modkern.checkpoint import _merge_cpu, _merge_cuda
+def test_device_route_logic_on_cpu(ckpts):
+    """The --device route (t1 copied to the device, selected and patched there) run with
+    the CPU as the device: it must equal merge_state_dicts on the loaded tensors. (No GPU
+    here; on one, the same code runs there.)"""
+    from modkern.checkpoint import _merge_on
+    from modkern.select import select_into
     from modkern.hf_checkpoint import Checkpoint
     with Checkpoint(ckpts["llama_a"], "BASE") as c1, Checkpoint(ckpts["llama_b"], "OTHER") as c2:
         for name in c1.names():
@@ -212,12 +213,15 @@ def test_gpu_route_logic_on_cpu(ckpts):
 
             for alpha, precision in ((0.9, "exact"), (0.3, "reference")):
                 t1 = c1.where[name].read_tensor(name)
+                t2 = r2.read_tensor(name)
                 files = (c1.where[name].path, r2.path)
-                via_select, taken = _merge_cuda(t1.clone(), read, c2.info(name).dtype, alpha,
-                                                precision, files, name, torch.device("cpu"))
-                direct = t1.clone()
-                assert _merge_cpu(direct, read, alpha, precision, files, name) == taken
-                assert torch.equal(via_select, direct), name
+                merged, taken = _merge_on(t1.clone(), read, alpha, precision, files, name,
+                                          torch.device("cpu"))
+                expected = torch.empty_like(t1)
+                result = select_into(expected, t1, t2, alpha, precision=precision,
+                                     backend="torch")
+                assert torch.equal(merged, expected), name
+                assert taken == result.taken, name
 
 
 def test_public_names():

@@ -199,10 +199,11 @@ def test_failing_rank_fails_the_merge(ckpts, tmp_path, nproc, how):
     if how == "raise":  # the failing rank's one line, printed once
         assert errors == ["modkern merge: error: rank 1: test failure injected by "
                           "MODKERN_TEST_DIST_FAIL"], r.stderr
-    else:  # a killed rank says nothing: the survivors say they lost it, unless torchrun
-        # (which ends the other workers when one dies) got to them first on a busy machine
-        assert all("lost contact with the other ranks" in e for e in errors), r.stderr
-        assert errors or "ChildFailedError" in r.stderr, r.stderr
+    else:  # a killed rank says nothing: the survivors say they lost it, or, when torchrun
+        # (which ends the other workers when one dies) got to them first, were interrupted
+        assert errors, r.stderr
+        assert all("lost contact with the other ranks" in e or e.endswith("interrupted")
+                   for e in errors), r.stderr
     _assert_nothing_left(tmp_path, out)
 
 
