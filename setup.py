@@ -26,7 +26,7 @@ setup(
     install_requires=[
         "torch>=2.4",
         "safetensors>=0.4",
-        "transformers>=4.45",
+        "transformers>=4.56",  # from_pretrained(dtype=...)
         "tqdm>=4.60",
         "numpy>=1.26",
         "pyyaml>=6",

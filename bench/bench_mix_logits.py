@@ -127,6 +127,8 @@ def _record(benchmark, floor_bytes, fn, name, rows, dtype):
         return
     big = not CUDA and rows * V > 4 * 10 ** 6
     benchmark.pedantic(fn, rounds=3 if big else 15, warmup_rounds=1, iterations=1)
+    if benchmark.stats is None:  # --benchmark-disable: ran once, nothing timed
+        return
     seconds = benchmark.stats.stats.mean
     benchmark.extra_info["seconds"] = seconds
     benchmark.extra_info["gb_per_s"] = floor_bytes / seconds / 1e9

@@ -373,7 +373,8 @@ def open_merge(base: str | os.PathLike, other: str | os.PathLike, out: str | os.
     headers, keys, shapes, dtypes, alpha rules, output path, disk space), plan the output
     shards, and yield a MergeJob with both checkpoints open. Arguments as merge_checkpoints."""
     check_precision(precision)
-    alpha = check_alpha_rule(alpha)
+    if not isinstance(alpha, Mapping) and not callable(alpha):
+        alpha = check_alpha_rule(alpha)  # a plain number: before anything is opened
     out_dtype = parse_dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
     dev = torch.device(device)
@@ -407,6 +408,7 @@ def open_merge(base: str | os.PathLike, other: str | os.PathLike, out: str | os.
                 raise type(err)(f"BASE {ck1.where[name].path} vs OTHER "
                                 f"{ck2.where[name].path}: {err}") from None
 
+        alpha = check_alpha_rule(alpha)  # also the values no tensor matched
         planned = [PlannedTensor(n, out_dtype if out_dtype is not None and
                                  i.dtype.is_floating_point else i.dtype, i.shape)
                    for n, i in ck1.items()]

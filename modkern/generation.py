@@ -28,14 +28,6 @@ from .select import check_alpha
 __all__ = ["MixtureOfDistributions", "generate"]
 
 
-def _mix_common(l1: torch.Tensor, l2: torch.Tensor, alpha: float,
-                backend: str) -> torch.Tensor:
-    """The mixture of the two distributions over the first min(V1, V2) vocabulary columns,
-    as float32 log-probabilities [B, min(V1, V2)]: the one place this module mixes logits
-    (`mix_logits`, fused Triton kernels for CUDA tensors under backend="auto")."""
-    return mix_logits(l1, l2, alpha, backend=backend, vocab="common").float()
-
-
 def _cache_argument(model: torch.nn.Module) -> str:
     """The keyword the model's forward takes its KV cache by: `cache` (transformers >= 5.x)
     or `past_key_values` (earlier releases)."""
@@ -118,15 +110,19 @@ class MixtureOfDistributions(LogitsProcessor):
         return mask.repeat_interleave(rows // mask.shape[0], dim=0)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.alpha == 1.0:  # model 1 alone: model 2 need not run
+            return torch.log_softmax(scores.float(), dim=-1)
         with torch.no_grad():
             logits2 = self._step(input_ids)
-        logits2 = logits2.to(scores.device)
-        mixed = _mix_common(scores, logits2, self.alpha, self.backend)
+        mixed = mix_logits(scores, logits2.to(scores.device), self.alpha,
+                           backend=self.backend, vocab="common")
         if mixed.shape[-1] < scores.shape[-1]:  # model 1's extra columns: outside the mixture
             pad = mixed.new_full((mixed.shape[0], scores.shape[-1] - mixed.shape[-1]),
                                  float("-inf"))
             mixed = torch.cat([mixed, pad], dim=-1)
-        return mixed
+        # generate's own processors run first and forbid tokens with -inf (bad_words_ids,
+        # min_new_tokens, suppressed tokens): the mixture must not give them back
+        return mixed.masked_fill_(torch.isneginf(scores), float("-inf"))
 
     def _step(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Run model 2 on what is new in `input_ids` and return its next-token logits [B, V2]."""

@@ -66,8 +66,9 @@ def name_filter(include: Patterns = None, exclude: Patterns = None) -> Callable[
 
 
 def check_alpha_rule(rule: AlphaRule) -> AlphaRule:
-    """The rule with every number checked up front (a float, or each value of a mapping,
-    matched or not), so a bad alpha fails before any work; functions are checked per call."""
+    """The rule with every number checked (a float, or each value of a mapping, matched
+    by a tensor or not), so a bad alpha fails before any work; functions are checked per
+    call."""
     if isinstance(rule, Mapping):
         return {pattern: check_alpha(value, f"alpha for pattern {pattern!r}")
                 for pattern, value in rule.items()}
@@ -153,10 +154,10 @@ def merge_state_dicts(sd1: Mapping[str, torch.Tensor], sd2: Mapping[str, torch.T
     merge that raises on a tensor's validation, except tensors already merged in place.
     """
     check_precision(precision)
-    alpha = check_alpha_rule(alpha)
     if strict:
         check_keys(sd1, sd2)
-    plan = _plan(sd1, sd2, alpha, name_filter(include, exclude))
+    plan = _plan(sd1, sd2, alpha, name_filter(include, exclude))  # names key and pattern
+    check_alpha_rule(alpha)  # then the values no tensor matched, still before any work
     if inplace:
         check_shared_storage(sd1, sd2, plan)
         plan = _first_of_each_storage(sd1, plan)  # tied weights: merge shared storage once

@@ -171,14 +171,17 @@ def _check_logits(ls: list[torch.Tensor], names: tuple[str, ...], vocab: str,
     return ls, n_valid
 
 
+def _check_sum(weights: list[float]) -> None:
+    total = math.fsum(weights)
+    if abs(total - 1.0) > _SUM_TOL:
+        raise AlphaError(f"weights must sum to 1, got {list(weights)} (sum {total!r})")
+
+
 def _weights_matrix(weights: list[Weight], lead: torch.Size, cd: torch.dtype,
                     device: torch.device) -> torch.Tensor:
     """Weights as [rows or 1, K] in cd; autograd flows through tensor weights."""
     if all(not isinstance(w, torch.Tensor) for w in weights):
-        total = math.fsum(weights)
-        if abs(total - 1.0) > _SUM_TOL:
-            raise AlphaError(f"weights must sum to 1, got {list(weights)} (sum {total!r})")
-        return _constant_weights(tuple(weights), cd, device)
+        return _constant_weights(tuple(weights), cd, device)  # checked by _check_sum
     cols = []
     for i, w in enumerate(weights):
         w = torch.as_tensor(w, dtype=cd, device=device)
@@ -233,6 +236,8 @@ def _mix(ls: list[torch.Tensor], weights: list[Weight], backend: str, vocab: str
     engine = _engine(backend, ls)
     lead, V = ls[0].shape[:-1], ls[0].shape[-1]
     cd = mix_torch.compute_dtype(ls)
+    if all(not isinstance(w, torch.Tensor) for w in weights):
+        _check_sum(weights)  # on the full list, before zero weights are dropped
     keep = [k for k, w in enumerate(weights) if isinstance(w, torch.Tensor) or w > 0]
     ls, weights = [ls[k] for k in keep], [weights[k] for k in keep]  # w = 0: model unused
     W = _weights_matrix(weights, lead, cd, ls[0].device)

@@ -57,6 +57,26 @@ def test_per_layer_alpha_options_and_recipe_rerun(ckpts, tmp_path):
         {k: v for k, v in b.items() if k.endswith("safetensors")}
 
 
+def test_recipe_of_an_alpha_function_reruns(ckpts, tmp_path):
+    """A function alpha is recorded as exact-name patterns (and what it left unmerged as
+    excluded): `--recipe` rebuilds the same weights."""
+    out = tmp_path / "out"
+
+    def alpha(name):
+        return None if "norm" in name else (0.6 if "layers.0." in name else 0.9)
+
+    merge_checkpoints(ckpts["llama_a"], ckpts["llama_b"], out, alpha, progress=False)
+    again = tmp_path / "again"
+    r = run_cli("merge", ckpts["llama_a"], ckpts["llama_b"], again,
+                "--recipe", out / "modkern_recipe.yaml", "-q")
+    assert r.returncode == 0, r.stderr
+    expected = merge_state_dicts(load_folder(ckpts["llama_a"]), load_folder(ckpts["llama_b"]),
+                                 alpha)
+    for folder in (out, again):
+        got = load_folder(folder)
+        assert all(torch.equal(got[k], t) for k, t in expected.items()), folder
+
+
 def test_paper_config_command(ckpts, tmp_path):
     cfg = tmp_path / "mod_config.yml"
     cfg.write_text(f"base_model: {ckpts['qwen_a']}\nexperts:\n"

@@ -233,3 +233,13 @@ def test_other_model_in_bfloat16(tok):
     m2 = tiny_causal_lm(v, arch="llama", seed=2).to(torch.bfloat16)
     got = generate(m1, m2, tok, PROMPTS, 0.0, max_new_tokens=NEW, return_tensors=True)
     assert torch.equal(got, plain_greedy(m2, tok, PROMPTS))
+
+
+def test_generate_constraints_survive_the_mixture(models, tok):
+    """generate's own processors forbid tokens with -inf (here bad_words_ids); the mixture
+    runs after them and must not give those tokens back, even at alpha 0 (model 2 alone)."""
+    m1, m2 = models
+    first = plain_greedy(m2, tok, PROMPTS[:1])[0, 0].item()  # model 2's first greedy token
+    got = generate(m1, m2, tok, PROMPTS[:1], 0.0, max_new_tokens=NEW, return_tensors=True,
+                   bad_words_ids=[[first]])
+    assert first not in got[0].tolist()

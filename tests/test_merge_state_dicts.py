@@ -339,3 +339,16 @@ def test_inplace_disjoint_views_of_one_storage():
     out = modkern.merge_state_dicts(sd1, sd2, 0.5, inplace=True)
     for k in sd1:
         assert_bits_equal(out[k], expected[k], k)
+
+
+def test_every_alpha_of_a_mapping_is_checked_before_any_work():
+    sd1 = {"a.w": torch.tensor([0.0, 1.0])}
+    sd2 = {"a.w": torch.tensor([5.0, 6.0])}
+    with pytest.raises(modkern.AlphaError, match="pattern 'never'"):
+        modkern.merge_state_dicts(sd1, sd2, {"a.": 0.5, "never": 1.5})
+
+
+def test_float8_is_refused_with_a_clear_error():
+    t = torch.zeros(4).to(torch.float8_e4m3fn)
+    with pytest.raises(modkern.DTypeError, match="float8 is not supported"):
+        modkern.merge_state_dicts({"w": t}, {"w": t}, 0.5)

@@ -236,3 +236,11 @@ def test_triton_backend_refuses_float64_and_many_models(device):
 def test_empty_rows(device, backend):
     l = torch.zeros(0, 7, device=device)
     assert mix_logits(l, l, 0.5, backend=backend).shape == (0, 7)
+
+
+def test_weight_sum_is_checked_on_every_weight():
+    l1, l2, l3 = (torch.randn(2, 5) for _ in range(3))
+    with pytest.raises(AlphaError, match=r"\[0\.0, 0\.0\]"):
+        modkern.mix_logits_many([l1, l2], [0.0, 0.0])
+    with pytest.raises(AlphaError, match=r"\[0\.5, 0\.0, 0\.3\]"):
+        modkern.mix_logits_many([l1, l2, l3], [0.5, 0.0, 0.3])

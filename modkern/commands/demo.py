@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 from ..errors import CheckpointError
-from ..select import check_alpha
 
 QUICK_ENV = "MODKERN_DEMO_QUICK"
 
@@ -93,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = {"alphas": args.alphas, "pretrain_steps": args.pretrain_steps,
                  "finetune_steps": args.finetune_steps, "eval_examples": args.eval_examples}
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    from ..select import check_alpha  # imports torch: not at --help time
     for a in config.alphas:
         check_alpha(a, "--alphas")
     out = args.out or Path(tempfile.mkdtemp(prefix="modkern-demo-"))

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 from ..errors import CheckpointError
-from ..select import check_alpha
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -66,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..generation import generate
 
+    from ..select import check_alpha  # imports torch: not at --help time
     alpha = check_alpha(args.alpha, "--alpha")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model1 = _load(args.model, "--model", device, args.dtype)
