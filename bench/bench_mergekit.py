@@ -10,11 +10,10 @@ why the inputs are evicted first) and its peak RSS.
     mergekit mod      `modkern-mergekit-yaml`, merge_method mod, alpha 0.9: MoD inside
                       mergekit's loader and writer (modkern.integrations.mergekit)
     modkern merge     `python -m modkern merge BASE OTHER OUT --alpha 0.9` (reads OTHER only
-                      where it selects); skipped, and said so, when modkern.checkpoint is
-                      not installed
+                      where it selects)
 
-The MoD outputs are then checked tensor by tensor: mergekit mod against modkern merge (or,
-without modkern.checkpoint, against `modkern.mod_select` on the inputs), bit for bit.
+The MoD outputs are then checked tensor by tensor: mergekit mod against modkern merge, bit
+for bit.
 
     pytest bench/bench_mergekit.py --benchmark-only -s        # or
     python bench/bench_mergekit.py                             # prints a table
@@ -48,7 +47,6 @@ HIDDEN, INTER, LAYERS, VOCAB = (64, 160, 2, 256) if SMALL else (2048, 5632, 20, 
 HEADS, KV_HEADS = (4, 1) if SMALL else (16, 4)
 SHARD_BYTES = 200_000 if SMALL else 1 << 30
 HAVE_MERGEKIT = importlib.util.find_spec("mergekit") is not None
-HAVE_CHECKPOINT = importlib.util.find_spec("modkern.checkpoint") is not None
 
 
 def _shapes() -> dict[str, tuple[int, ...]]:
@@ -144,12 +142,10 @@ def _yaml(root: Path, name: str, text: str) -> Path:
     return path
 
 
-def compare(out: Path, reference: Path | None, base: Path, other: Path) -> int:
-    """Number of tensors of `out` that differ from `reference`'s (bit for bit), or, with no
-    reference, from modkern.mod_select on the inputs. One tensor in memory at a time."""
+def compare(out: Path, reference: Path) -> int:
+    """Number of tensors of `out` that differ from `reference`'s (bit for bit), or that one
+    of them lacks. One tensor in memory at a time."""
     from safetensors import safe_open
-
-    import modkern
 
     def index(folder: Path) -> dict[str, Path]:
         found = {}
@@ -162,16 +158,12 @@ def compare(out: Path, reference: Path | None, base: Path, other: Path) -> int:
         with safe_open(where[name], "pt") as fh:
             return fh.get_tensor(name)
 
-    got, a = index(out), index(base)
-    want = index(reference) if reference is not None else None
-    b = index(other) if reference is None else None
-    if sorted(got) != sorted(a):
-        return len(set(got) ^ set(a))
+    got, want = index(out), index(reference)
+    if sorted(got) != sorted(want):
+        return len(set(got) ^ set(want))
     bad = 0
     for name in got:
-        g = load(got, name)
-        w = load(want, name) if want is not None else \
-            modkern.mod_select(load(a, name), load(b, name), ALPHA, name=name)
+        g, w = load(got, name), load(want, name)
         bad += not (g.dtype == w.dtype and torch.equal(g.view(torch.int16),
                                                        w.view(torch.int16)))
     return bad
@@ -193,19 +185,15 @@ def run_benchmark(root: Path) -> dict:
     mod = _yaml(root, "mod", f"merge_method: mod\nbase_model: {base}\nmodels:\n"
                 f"  - model: {other}\nparameters:\n  alpha: {ALPHA}\n")
     runs = {"mergekit linear": [_script("mergekit-yaml"), str(linear), str(root / "linear")],
-            "mergekit mod": [_script("modkern-mergekit-yaml"), str(mod), str(root / "mod")]}
-    if HAVE_CHECKPOINT:
-        runs["modkern merge"] = [sys.executable, "-m", "modkern", "merge", str(base),
-                                 str(other), str(root / "modkern"), "--alpha", str(ALPHA)]
-    else:
-        result["modkern merge"] = "skipped: modkern.checkpoint is not installed"
+            "mergekit mod": [_script("modkern-mergekit-yaml"), str(mod), str(root / "mod")],
+            "modkern merge": [sys.executable, "-m", "modkern", "merge", str(base), str(other),
+                              str(root / "modkern"), "--alpha", str(ALPHA)]}
     for label, cmd in runs.items():
         result[label] = run_cold(cmd, inputs)
         if label == "mergekit linear":
             shutil.rmtree(root / "linear")  # disk: only the MoD outputs are compared
-    reference = root / "modkern" if HAVE_CHECKPOINT else None
-    result["mod_tensors_differing"] = compare(root / "mod", reference, base, other)
-    result["compared_against"] = "modkern merge" if HAVE_CHECKPOINT else "modkern.mod_select"
+    result["mod_tensors_differing"] = compare(root / "mod", root / "modkern")
+    result["compared_against"] = "modkern merge"
     evict(inputs)
     t0 = time.perf_counter()
     for f in inputs:  # the I/O floor: read both inputs once, front to back

@@ -28,14 +28,14 @@ rows' global lse_k.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from ..backends import interpreter_enabled
+
 MAX_K = 4
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+_INTERPRET = interpreter_enabled()
 # Columns per chunk: 4096 keeps 16 KB of each fp32 row chunk in registers on a GPU; small
 # under the interpreter so CI's small V still walks several chunks and spans.
 BLOCK = 1024 if _INTERPRET else 4096

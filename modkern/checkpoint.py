@@ -85,14 +85,15 @@ class MergeReport:
                  if self.elements_merged else "-")
         return (f"merged {self.tensors_merged} tensors ({self.tensors_copied} copied); took "
                 f"{self.elements_taken:,} of {self.elements_merged:,} elements from OTHER "
-                f"({taken}); read {_size(self.bytes_read_base)} of BASE "
+                f"({taken}); read {format_bytes(self.bytes_read_base)} of BASE "
                 f"({frac(self.bytes_read_base, self.bytes_base)}) and "
-                f"{_size(self.bytes_read_other)} of OTHER "
+                f"{format_bytes(self.bytes_read_other)} of OTHER "
                 f"({frac(self.bytes_read_other, self.bytes_other)}); wrote "
-                f"{_size(self.bytes_written)} to {self.out} in {self.seconds:.1f} s")
+                f"{format_bytes(self.bytes_written)} to {self.out} in {self.seconds:.1f} s")
 
 
-def _size(n: int) -> str:
+def format_bytes(n: int) -> str:
+    """n bytes for people: "512 B", "1.50 MB" (powers of 1000)."""
     for unit in ("B", "KB", "MB", "GB"):
         if abs(n) < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
@@ -141,8 +142,8 @@ def _check_space(out: Path, needed: int) -> None:
     free = shutil.disk_usage(probe).free
     if needed > free:
         raise CheckpointError(f"OUT {out}: not enough disk space: the merge writes "
-                              f"{_size(needed)} but {probe} has {_size(free)} free; expected "
-                              "at least that much free")
+                              f"{format_bytes(needed)} but {probe} has {format_bytes(free)} "
+                              "free; expected at least that much free")
 
 
 def _nonfinite_t1(flat: torch.Tensor, file: Path, name: str, first: int = 0

@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .checkpoint import format_bytes
 from .toy import char_tokenizer, tiny_causal_lm
 
 LETTERS = "abcdefgh"
@@ -354,13 +355,7 @@ def run_demo(out: Path, config: DemoConfig = DemoConfig(), *, threads: int | Non
 # ---------------------------------------------------------------- reporting
 
 def _size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
+    return "-" if n is None else format_bytes(n)
 
 
 def format_table(result: DemoResult) -> str:

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
+from . import mix_torch
 from .errors import ShapeMismatchError
 
 NEG_INF = float("-inf")
@@ -115,7 +116,7 @@ class ParallelMixFunction(torch.autograd.Function):
         K = len(ls)
         empty = n_valid == 0 or V == 0  # this rank holds no valid column: takes part only
         if empty:
-            cd = torch.float64 if any(t.dtype == torch.float64 for t in ls) else torch.float32
+            cd = mix_torch.compute_dtype(ls)
             m = torch.full((R, K), NEG_INF, dtype=cd, device=ls[0].device)
             s = torch.zeros_like(m)
         else:

@@ -10,10 +10,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import importlib.util  # noqa: E402
-
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
+
+from modkern.backends import triton_available  # noqa: E402
 
 settings.register_profile("default", deadline=None, max_examples=40,
                           suppress_health_check=[HealthCheck.too_slow])
@@ -22,7 +22,7 @@ settings.register_profile("thorough", deadline=None, max_examples=500,
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_TRITON = triton_available()
 
 
 @pytest.fixture

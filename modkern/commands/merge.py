@@ -131,6 +131,7 @@ def _merge_function(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     args.merge_started = False
+    previous = signal.getsignal(signal.SIGTERM)  # _run installs its own while it merges
     try:
         return _run(args)
     except ModkernError as err:
@@ -144,8 +145,8 @@ def run(args: argparse.Namespace) -> int:
         raise
     finally:
         # torchrun sends SIGTERM to the other ranks when one fails: once this rank's merge
-        # has cleaned up, let it end the process plainly.
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # has cleaned up, the process's own handling (plain termination for the CLI) holds.
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run(args: argparse.Namespace) -> int:
