@@ -386,6 +386,7 @@ def open_merge(base: str | os.PathLike, other: str | os.PathLike, out: str | os.
         raise BackendError(f"device {device!r}: expected 'cpu' or 'cuda'")
     base_p, other_p = Path(base).absolute(), Path(other).absolute()
     out_p = Path(out).absolute()
+    publish.remove_stale(out_p)  # first: it may restore the OUT a killed swap left aside
     _check_paths(base_p.resolve(), other_p.resolve(), out_p.resolve(), force)
 
     with Checkpoint(base_p, "BASE", "sequential") as ck1, \

@@ -59,8 +59,12 @@ def weight_files(folder: Path, label: str) -> tuple[list[Path], dict[str, str] |
         files = sorted(set(weight_map.values()))
         for name in files:
             shard = folder / name
-            if Path(name).name != name or not shard.is_file():
-                tensor = next(k for k, v in weight_map.items() if v == name)
+            tensor = next(k for k, v in weight_map.items() if v == name)
+            if Path(name).name != name:
+                raise CheckpointError(f"{label} {index}: shard {name!r} (for tensor {tensor!r}) "
+                                      "is not a file name in the checkpoint folder; expected "
+                                      "shards beside the index")
+            if not shard.is_file():
                 raise CheckpointError(f"{label} {shard}: shard listed in {INDEX} (for tensor "
                                       f"{tensor!r} and others) is missing; expected the file "
                                       "to exist (incomplete download?)")
