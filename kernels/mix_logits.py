@@ -380,6 +380,8 @@ def forward(ls, W: torch.Tensor, n_valid: int | None, splits: int | None = None,
 def backward(ls, W: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, n_valid: int | None,
              need_w: bool, splits: int | None = None):
     """Gradients of sum(g * out) to each logits tensor (in its dtype) and to W."""
+    g = g if g.stride(-1) == 1 else g.contiguous()  # once, for both kernels (g may be an
+    # expanded scalar gradient)
     c, d = backward_sums(ls, W, lse, g, n_valid, splits)
     grads = backward_grads(ls, W, lse, g, c, n_valid, splits)
     if not need_w:
