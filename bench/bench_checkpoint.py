@@ -33,7 +33,8 @@ import torch
 
 from modkern import page_cache
 
-SMALL = os.environ.get("MODKERN_BENCH_SMALL") == "1"
+from _common import SMALL, scratch_folder  # noqa: E402  (bench/ is on sys.path)
+
 ALPHA = 0.9
 HIDDEN, INTER, LAYERS, VOCAB = (64, 160, 2, 256) if SMALL else (2048, 5632, 20, 32000)
 SHARD = "200KB" if SMALL else "1GB"
@@ -188,10 +189,7 @@ def format_table(r: dict) -> str:
 
 @pytest.fixture
 def bench_dir():
-    root = Path(tempfile.mkdtemp(prefix="modkern-bench-ckpt-",
-                                 dir=os.environ.get("MODKERN_BENCH_DIR")))
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
+    yield from scratch_folder("ckpt")
 
 
 def bench_merge_checkpoints(benchmark, bench_dir):

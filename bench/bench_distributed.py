@@ -33,6 +33,8 @@ from bench_checkpoint import ALPHA, SMALL, generate, weight_files  # noqa: E402
 
 from modkern import page_cache  # noqa: E402
 
+from _common import scratch_folder  # noqa: E402
+
 NPROC = [int(n) for n in os.environ.get("MODKERN_BENCH_NPROC", "1,2").split(",")]
 SPLIT_ABOVE = os.environ.get("MODKERN_BENCH_SPLIT_ABOVE", "1000" if SMALL else "50000000")
 
@@ -111,10 +113,7 @@ def format_table(r: dict) -> str:
 
 @pytest.fixture
 def bench_dir():
-    root = Path(tempfile.mkdtemp(prefix="modkern-bench-dist-",
-                                 dir=os.environ.get("MODKERN_BENCH_DIR")))
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
+    yield from scratch_folder("dist")
 
 
 def bench_distributed_merge(benchmark, bench_dir):

@@ -41,7 +41,8 @@ import torch
 
 from modkern import page_cache
 
-SMALL = os.environ.get("MODKERN_BENCH_SMALL") == "1"
+from _common import SMALL, scratch_folder  # noqa: E402
+
 ALPHA = 0.9
 HIDDEN, INTER, LAYERS, VOCAB = (64, 160, 2, 256) if SMALL else (2048, 5632, 20, 32000)
 HEADS, KV_HEADS = (4, 1) if SMALL else (16, 4)
@@ -226,10 +227,7 @@ def format_table(r: dict) -> str:
 
 @pytest.fixture
 def bench_dir():
-    root = Path(tempfile.mkdtemp(prefix="modkern-bench-mergekit-",
-                                 dir=os.environ.get("MODKERN_BENCH_DIR")))
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
+    yield from scratch_folder("mergekit")
 
 
 @pytest.mark.skipif(not HAVE_MERGEKIT, reason="mergekit is not installed "

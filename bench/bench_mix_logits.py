@@ -35,13 +35,13 @@ import torch
 
 import modkern
 
-SMALL = os.environ.get("MODKERN_BENCH_SMALL", "0") not in ("", "0")
+from _common import DEVICE, SMALL, sync as _sync  # noqa: E402
+
 # MODKERN_BENCH_THREADS=1 pins every peer to one CPU thread: on a machine whose cores are
 # shared with other jobs, OpenMP's barriers make multi-threaded timings mostly noise.
 if os.environ.get("MODKERN_BENCH_THREADS"):
     torch.set_num_threads(int(os.environ["MODKERN_BENCH_THREADS"]))
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
+CUDA = DEVICE == "cuda"
 V = 1000 if SMALL else 151_936
 ALPHA = 0.3
 DECODE_ROWS = (1, 4) if SMALL else (1, 8, 64)
@@ -86,11 +86,6 @@ def implementation(name):
     if name == "compiled":
         return compiled_form()
     return {"modkern": modkern_mix, "eager": eager_formula, "logaddexp": logaddexp_form}[name]
-
-
-def _sync():
-    if CUDA:
-        torch.cuda.synchronize()
 
 
 def _rss_kb(field: str) -> int:

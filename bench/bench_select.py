@@ -16,15 +16,14 @@ MODKERN_BENCH_SMALL=1 runs tiny shapes without torch.compile (CI checks the code
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
 import modkern
 
-SMALL = os.environ.get("MODKERN_BENCH_SMALL") == "1"
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from _common import DEVICE, SMALL, sync as _sync  # noqa: E402
+
 ALPHA = 0.9
 # Qwen2.5 MLP weights: 1.5B and 7B (intermediate x hidden), bf16.
 SHAPES = {"small-257x129": (257, 129)} if SMALL else {
@@ -39,11 +38,6 @@ def paper_formula(t1: torch.Tensor, t2: torch.Tensor, alpha: float) -> torch.Ten
     mn, mx = torch.min(t1), torch.max(t1)
     norm = torch.zeros_like(t1) if mn == mx else (t1 - mn) / (mx - mn)
     return torch.where(norm < alpha, t1, t2)
-
-
-def _sync() -> None:
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
 
 
 _COMPILED: dict = {}
