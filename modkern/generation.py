@@ -46,9 +46,10 @@ class MixtureOfDistributions(LogitsProcessor):
 
         scores <- log(alpha * softmax(scores) + (1 - alpha) * softmax(logits of model 2))
 
-    alpha = 1 keeps model 1's distribution, alpha = 0 gives model 2's. The returned scores
-    are float32 log-probabilities over model 1's vocabulary width; columns past the narrower
-    of the two vocabularies are -inf (never chosen). Put it in `logits_processor=` of
+    alpha = 1 keeps model 1's distribution (model 2 is not run), alpha = 0 gives model 2's.
+    The returned scores are float32 log-probabilities over model 1's vocabulary width;
+    columns past the narrower of the two vocabularies are -inf (never chosen), and so is
+    every token generate's own processors forbade (bad_words_ids, min_new_tokens, ...). Put it in `logits_processor=` of
     `model.generate` with greedy search or sampling (temperature, top-k, top-p act on the
     mixture); beam search is not supported (the second cache is not reordered).
 
