@@ -35,7 +35,7 @@ Weight = float | torch.Tensor
 
 def mix_logits(l1: torch.Tensor, l2: torch.Tensor, alpha: Weight, *, backend: str = "auto",
                vocab: str = "strict", n_valid: int | None = None, group=None,
-               vocab_start: int | None = None) -> torch.Tensor:
+               vocab_start: int | None = None, sums_to_one: bool = False) -> torch.Tensor:
     """log(alpha * softmax(l1) + (1 - alpha) * softmax(l2)) over the last dim.
 
     Args:
@@ -72,13 +72,14 @@ def mix_logits(l1: torch.Tensor, l2: torch.Tensor, alpha: Weight, *, backend: st
     else:
         a = check_alpha(alpha)
         weights = [a, 1.0 - a]
-    return _mix([l1, l2], weights, backend, vocab, n_valid, ("l1", "l2"), group, vocab_start)
+    return _mix([l1, l2], weights, backend, vocab, n_valid, ("l1", "l2"), group, vocab_start,
+                sums_to_one=True)  # alpha and 1 - alpha: no sum to check (nor to sync for)
 
 
 def mix_logits_many(logits: Sequence[torch.Tensor], weights: Sequence[Weight] | torch.Tensor,
                     *, backend: str = "auto", vocab: str = "strict",
                     n_valid: int | None = None, group=None,
-                    vocab_start: int | None = None) -> torch.Tensor:
+                    vocab_start: int | None = None, sums_to_one: bool = False) -> torch.Tensor:
     """K-way mixture: log(sum_k weights[k] * softmax(logits[k])) over the last dim.
 
     weights: K floats, K tensors broadcast over the leading dims, or one tensor whose last
@@ -178,7 +179,7 @@ def _check_sum(weights: list[float]) -> None:
 
 
 def _weights_matrix(weights: list[Weight], lead: torch.Size, cd: torch.dtype,
-                    device: torch.device) -> torch.Tensor:
+                    device: torch.device, sums_to_one: bool = False) -> torch.Tensor:
     """Weights as [rows or 1, K] in cd; autograd flows through tensor weights."""
     if all(not isinstance(w, torch.Tensor) for w in weights):
         return _constant_weights(tuple(weights), cd, device)  # checked by _check_sum
@@ -191,7 +192,7 @@ def _weights_matrix(weights: list[Weight], lead: torch.Size, cd: torch.dtype,
             raise ShapeMismatchError(f"weight {i} of shape {list(w.shape)} does not "
                                      f"broadcast over the leading dims {list(lead)}") from None
     W = torch.stack(cols, dim=1)
-    if not (W.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if not sums_to_one and not (W.is_cuda and torch.cuda.is_current_stream_capturing()):
         total = W.detach().sum(1)
         worst = (total - 1).abs().max() if total.numel() else torch.zeros(())
         if bool(worst > _SUM_TOL):
@@ -228,7 +229,7 @@ def _engine(backend: str, ls: list[torch.Tensor]):
 
 def _mix(ls: list[torch.Tensor], weights: list[Weight], backend: str, vocab: str,
          n_valid: int | None, names: tuple[str, ...], group=None,
-         vocab_start: int | None = None) -> torch.Tensor:
+         vocab_start: int | None = None, sums_to_one: bool = False) -> torch.Tensor:
     if group is not None:
         from . import mix_parallel  # torch.distributed: imported only when asked for
         mix_parallel.check_group(group)
@@ -240,7 +241,7 @@ def _mix(ls: list[torch.Tensor], weights: list[Weight], backend: str, vocab: str
         _check_sum(weights)  # on the full list, before zero weights are dropped
     keep = [k for k, w in enumerate(weights) if isinstance(w, torch.Tensor) or w > 0]
     ls, weights = [ls[k] for k in keep], [weights[k] for k in keep]  # w = 0: model unused
-    W = _weights_matrix(weights, lead, cd, ls[0].device)
+    W = _weights_matrix(weights, lead, cd, ls[0].device, sums_to_one)
     if group is None and len(ls) == 1 and not isinstance(weights[0], torch.Tensor):
         return _log_softmax(ls[0], cd, n_valid)  # one model, weight 1
     flat = [t.reshape(lead.numel(), V) for t in ls]
