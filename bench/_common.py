@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -22,10 +24,32 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+@contextmanager
 def scratch_folder(name: str) -> Iterator[Path]:
     """A fresh folder for generated checkpoints (MODKERN_BENCH_DIR picks where), removed
-    afterwards; the body of the suites' `bench_dir` fixtures."""
+    afterwards."""
     root = Path(tempfile.mkdtemp(prefix=f"modkern-bench-{name}-",
                                  dir=os.environ.get("MODKERN_BENCH_DIR")))
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def run_once(benchmark, group: str, run: Callable[[Path], dict], root: Path,
+             table: Callable[[dict], str], **info) -> dict:
+    """An end-to-end suite's one timed run under pytest-benchmark: its result dict goes to
+    extra_info and its table to the output."""
+    benchmark.group = group
+    result = benchmark.pedantic(run, args=(root,), rounds=1, iterations=1)
+    benchmark.extra_info.update({**info, **result})
+    print("\n" + table(result))
+    return result
+
+
+def main(name: str, run: Callable[[Path], dict], table: Callable[[dict], str]) -> None:
+    """`python bench/bench_X.py`: one run in a scratch folder, its table and its JSON."""
+    with scratch_folder(name) as root:
+        result = run(root)
+    print(table(result))
+    print(json.dumps(result))

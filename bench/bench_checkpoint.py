@@ -24,7 +24,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +32,7 @@ import torch
 
 from modkern import page_cache
 
-from _common import SMALL, scratch_folder  # noqa: E402  (bench/ is on sys.path)
+from _common import SMALL, main, run_once, scratch_folder  # noqa: E402  (bench/ is on sys.path)
 
 ALPHA = 0.9
 HIDDEN, INTER, LAYERS, VOCAB = (64, 160, 2, 256) if SMALL else (2048, 5632, 20, 32000)
@@ -189,22 +188,17 @@ def format_table(r: dict) -> str:
 
 @pytest.fixture
 def bench_dir():
-    yield from scratch_folder("ckpt")
+    with scratch_folder("ckpt") as root:
+        yield root
 
 
 def bench_merge_checkpoints(benchmark, bench_dir):
-    benchmark.group = "checkpoint merge (end to end, cold page cache)"
-    result = benchmark.pedantic(run_benchmark, args=(bench_dir,), rounds=1, iterations=1)
-    benchmark.extra_info.update({"impl": "modkern merge", **result})
-    print("\n" + format_table(result))
+    result = run_once(benchmark, "checkpoint merge (end to end, cold page cache)", run_benchmark, bench_dir,
+                      format_table, impl="modkern merge")
     if not SMALL:  # the targets of issue 7
         assert result["bytes_read_other"] < 0.05 * result["bytes_other"]
         assert result["other_resident_bytes"] < 0.05 * result["bytes_other"]
 
 
 if __name__ == "__main__":
-    with tempfile.TemporaryDirectory(prefix="modkern-bench-ckpt-",
-                                     dir=os.environ.get("MODKERN_BENCH_DIR")) as d:
-        res = run_benchmark(Path(d))
-    print(format_table(res))
-    print(json.dumps(res))
+    main("ckpt", run_benchmark, format_table)

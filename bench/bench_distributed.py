@@ -15,14 +15,12 @@ this many bytes split by rows (default 50000000; empty to skip).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +31,7 @@ from bench_checkpoint import ALPHA, SMALL, generate, weight_files  # noqa: E402
 
 from modkern import page_cache  # noqa: E402
 
-from _common import scratch_folder  # noqa: E402
+from _common import main, run_once, scratch_folder  # noqa: E402
 
 NPROC = [int(n) for n in os.environ.get("MODKERN_BENCH_NPROC", "1,2").split(",")]
 SPLIT_ABOVE = os.environ.get("MODKERN_BENCH_SPLIT_ABOVE", "1000" if SMALL else "50000000")
@@ -113,19 +111,14 @@ def format_table(r: dict) -> str:
 
 @pytest.fixture
 def bench_dir():
-    yield from scratch_folder("dist")
+    with scratch_folder("dist") as root:
+        yield root
 
 
 def bench_distributed_merge(benchmark, bench_dir):
-    benchmark.group = "checkpoint merge: 1 process vs torchrun (gloo, CPU)"
-    result = benchmark.pedantic(run_benchmark, args=(bench_dir,), rounds=1, iterations=1)
-    benchmark.extra_info.update(result)
-    print("\n" + format_table(result))
+    run_once(benchmark, "checkpoint merge: 1 process vs torchrun (gloo, CPU)", run_benchmark,
+             bench_dir, format_table)
 
 
 if __name__ == "__main__":
-    with tempfile.TemporaryDirectory(prefix="modkern-bench-dist-",
-                                     dir=os.environ.get("MODKERN_BENCH_DIR")) as d:
-        res = run_benchmark(Path(d))
-    print(format_table(res))
-    print(json.dumps(res))
+    main("dist", run_benchmark, format_table)

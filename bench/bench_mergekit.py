@@ -41,7 +41,7 @@ import torch
 
 from modkern import page_cache
 
-from _common import SMALL, scratch_folder  # noqa: E402
+from _common import SMALL, main, run_once, scratch_folder  # noqa: E402
 
 ALPHA = 0.9
 HIDDEN, INTER, LAYERS, VOCAB = (64, 160, 2, 256) if SMALL else (2048, 5632, 20, 32000)
@@ -227,22 +227,17 @@ def format_table(r: dict) -> str:
 
 @pytest.fixture
 def bench_dir():
-    yield from scratch_folder("mergekit")
+    with scratch_folder("mergekit") as root:
+        yield root
 
 
 @pytest.mark.skipif(not HAVE_MERGEKIT, reason="mergekit is not installed "
                     "(pip install \"modkern[mergekit]\")")
 def bench_mergekit_vs_modkern(benchmark, bench_dir):
-    benchmark.group = "mergekit vs modkern merge (end to end, cold page cache)"
-    result = benchmark.pedantic(run_benchmark, args=(bench_dir,), rounds=1, iterations=1)
-    benchmark.extra_info.update(result)
-    print("\n" + format_table(result))
+    result = run_once(benchmark, "mergekit vs modkern merge (end to end, cold page cache)", run_benchmark, bench_dir,
+                      format_table)
     assert result["mod_tensors_differing"] == 0
 
 
 if __name__ == "__main__":
-    with tempfile.TemporaryDirectory(prefix="modkern-bench-mergekit-",
-                                     dir=os.environ.get("MODKERN_BENCH_DIR")) as d:
-        res = run_benchmark(Path(d))
-    print(format_table(res))
-    print(json.dumps(res))
+    main("mergekit", run_benchmark, format_table)
