@@ -44,6 +44,20 @@ MAX_SPLITS = 256
 
 
 @triton.jit
+def _put(k: tl.constexpr, v, a0, a1, a2, a3):
+    """(a0, a1, a2, a3) with a_k replaced by v, for a compile-time k (_pick's inverse)."""
+    if k == 0:
+        a0 = v
+    if k == 1:
+        a1 = v
+    if k == 2:
+        a2 = v
+    if k == 3:
+        a3 = v
+    return a0, a1, a2, a3
+
+
+@triton.jit
 def _pick(k: tl.constexpr, a0, a1, a2, a3):
     """a_k for a compile-time k (the K tensors arrive as separate arguments)."""
     v = a0
@@ -120,14 +134,7 @@ def _fwd_row_kernel(p0, p1, p2, p3, rs0, rs1, rs2, rs3, w_ptr, w_rs, out_ptr, ls
         m, s = _span_stats(_pick(k, b0, b1, b2, b3), nv, 0, V, BLOCK)
         lse = m + tl.log(s)  # all -inf: -inf (then the row is NaN, as log_softmax's)
         tl.store(lse_ptr + row * K + k, lse)
-        if k == 0:
-            lse0 = lse
-        if k == 1:
-            lse1 = lse
-        if k == 2:
-            lse2 = lse
-        if k == 3:
-            lse3 = lse
+        lse0, lse1, lse2, lse3 = _put(k, lse, lse0, lse1, lse2, lse3)
     n_blocks = tl.cdiv(V, BLOCK)
     for i in range(0, n_blocks):  # backwards: the row's tail is the freshest in cache
         cols = (n_blocks - 1 - i) * BLOCK + tl.arange(0, BLOCK)
@@ -176,14 +183,7 @@ def _fwd_out_kernel(p0, p1, p2, p3, rs0, rs1, rs2, rs3, w_ptr, w_rs, pm_ptr, ps_
         lse = _combine(pm_ptr, ps_ptr, row, n_split, k, K, SPLITS)
         if sid == 0:
             tl.store(lse_ptr + row * K + k, lse)
-        if k == 0:
-            lse0 = lse
-        if k == 1:
-            lse1 = lse
-        if k == 2:
-            lse2 = lse
-        if k == 3:
-            lse3 = lse
+        lse0, lse1, lse2, lse3 = _put(k, lse, lse0, lse1, lse2, lse3)
     _write_span(p0, p1, p2, p3, rs0, rs1, rs2, rs3, w_ptr, w_rs, out_ptr, row, sid * span,
                 lse0, lse1, lse2, lse3, nv, V, span, K, BLOCK)
 
