@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modkern import page_cache
+from modkern.checkpoint import page_cache
 
 from _common import SMALL, main, run_once, scratch_folder  # noqa: E402  (bench/ is on sys.path)
 
@@ -57,7 +57,7 @@ def _shapes() -> dict[str, tuple[int, int]]:
 def generate(folder: Path, seed: int) -> None:
     """Write a sharded bf16 N(0, 0.02) checkpoint with modkern's own shard writer (one
     tensor in memory at a time)."""
-    from modkern.shard_writer import PlannedTensor, ShardWriter, parse_size, plan_shards
+    from modkern.checkpoint.shard_writer import PlannedTensor, ShardWriter, parse_size, plan_shards
 
     folder.mkdir(parents=True)
     shapes = _shapes()

@@ -29,7 +29,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_checkpoint import ALPHA, SMALL, generate, weight_files  # noqa: E402
 
-from modkern import page_cache  # noqa: E402
+from modkern.checkpoint import page_cache  # noqa: E402
 
 from _common import main, run_once, scratch_folder  # noqa: E402
 

@@ -39,7 +39,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modkern import page_cache
+from modkern.checkpoint import page_cache
 
 from _common import SMALL, main, run_once, scratch_folder  # noqa: E402
 

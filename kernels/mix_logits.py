@@ -20,22 +20,22 @@ Backward (g = dL/dout; r_k = w_k p_k / q, the share of model k in the mixture q)
 gradients; both recompute out, r_k and p_k from the logits and the saved lse_k.
 
 Offsets are 64-bit (rows x V passes 2**31 at training sizes). The launchers follow the
-engine interface of modkern/mix_torch.py, including the pieces a vocabulary split across
+engine interface of modkern/ops/mix_torch.py, including the pieces a vocabulary split across
 processes needs (`local_stats`, `forward(..., lse=)`, `backward_sums`, `backward_grads`:
-see modkern/mix_parallel.py); `_fwd_given_lse_kernel` writes a slice's output from its
+see modkern/ops/mix_parallel.py); `_fwd_given_lse_kernel` writes a slice's output from its
 rows' global lse_k.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-from ..backends import interpreter_enabled
-
 MAX_K = 4
-_INTERPRET = interpreter_enabled()
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # as triton reads it
 # Columns per chunk: 4096 keeps 16 KB of each fp32 row chunk in registers on a GPU; small
 # under the interpreter so CI's small V still walks several chunks and spans.
 BLOCK = 1024 if _INTERPRET else 4096

@@ -1,4 +1,4 @@
-"""MoD weight select in Triton: the two passes of modkern.select, one kernel each.
+"""MoD weight select in Triton: the two passes of modkern.ops.select, one kernel each.
 
 1. `_minmax_kernel`: each program takes one block of t1, writes that block's min and max
    (NaN if the block holds a NaN) and, out of place, copies the block to the output.
@@ -6,7 +6,7 @@
    tells the second pass which blocks can hold an element that comes from t2.
 2. `_patch_kernel`: each program reads its block's max; below the threshold v it does
    nothing at all. Otherwise it compares its block of t1 with v (no division: see
-   modkern/select_reference.py for why `t1 < v` is the exact formula), loads t2 only where
+   modkern/ops/select_reference.py for why `t1 < v` is the exact formula), loads t2 only where
    selected, checks those values are finite and stores them.
 
 Both kernels also run SEGMENTED: many small tensors packed end to end in one buffer, a
@@ -14,7 +14,7 @@ block table giving each program its block's start, end and tensor (segment), so 
 dict's hundreds of norms and biases cost two launches, not two per tensor.
 
 Offsets are 64-bit: tensors may exceed 2**31 elements. `minmax` and `patch` match
-modkern.select_torch's engine interface, so modkern.select drives both the same way.
+modkern.ops.select_torch's engine interface, so modkern.ops.select drives both the same way.
 """
 
 from __future__ import annotations

@@ -19,32 +19,33 @@ from .errors import (AlphaError, BackendError, CheckpointError, DTypeError, KeyM
 
 # public name -> module that defines it
 _LAZY = {
-    "mod_select": "select",
-    "mod_select_": "select",
-    "merge_state_dicts": "merge",
-    "MergeStats": "merge",
-    "mod_select_reference": "select_reference",
-    "select_threshold": "select_reference",
-    "mix_logits_reference": "mix_reference",
-    "mix_logits_many_reference": "mix_reference",
-    "mix_logits": "mix",
-    "mix_logits_many": "mix",
-    "MixtureOfDistributions": "generation",
-    "generate": "generation",
-    "merge_checkpoints": "checkpoint",
-    "MergeReport": "checkpoint",
-    "merge_checkpoints_distributed": "distributed_merge",
+    "mod_select": "ops.select",
+    "mod_select_": "ops.select",
+    "mod_select_reference": "ops.select_reference",
+    "select_threshold": "ops.select_reference",
+    "mix_logits": "ops.mix",
+    "mix_logits_many": "ops.mix",
+    "mix_logits_reference": "ops.mix_reference",
+    "mix_logits_many_reference": "ops.mix_reference",
+    "merge_state_dicts": "merging.state_dict",
+    "MergeStats": "merging.state_dict",
+    "merge_checkpoints": "checkpoint.merge",
+    "MergeReport": "checkpoint.report",
+    "merge_checkpoints_distributed": "checkpoint.distributed",
+    "MixtureOfDistributions": "decoding.generation",
+    "generate": "decoding.generation",
 }
 
 if TYPE_CHECKING:
-    from .checkpoint import MergeReport, merge_checkpoints
-    from .distributed_merge import merge_checkpoints_distributed
-    from .generation import MixtureOfDistributions, generate
-    from .merge import MergeStats, merge_state_dicts
-    from .mix import mix_logits, mix_logits_many
-    from .mix_reference import mix_logits_many_reference, mix_logits_reference
-    from .select import mod_select, mod_select_
-    from .select_reference import mod_select_reference, select_threshold
+    from .checkpoint.distributed import merge_checkpoints_distributed
+    from .checkpoint.merge import merge_checkpoints
+    from .checkpoint.report import MergeReport
+    from .decoding.generation import MixtureOfDistributions, generate
+    from .merging.state_dict import MergeStats, merge_state_dicts
+    from .ops.mix import mix_logits, mix_logits_many
+    from .ops.mix_reference import mix_logits_many_reference, mix_logits_reference
+    from .ops.select import mod_select, mod_select_
+    from .ops.select_reference import mod_select_reference, select_threshold
 
 
 def __getattr__(name: str) -> Any:

@@ -39,7 +39,7 @@ def backend(request, monkeypatch) -> str:
     if request.param == "triton" and not HAS_TRITON:
         pytest.skip("triton is not installed")
     if request.param == "torch-search":
-        from modkern import select_torch
+        from modkern.ops import select_torch
         monkeypatch.setattr(select_torch, "DIRECT_MAX", 0)
         return "torch"
     return request.param

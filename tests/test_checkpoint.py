@@ -12,10 +12,10 @@ import yaml
 from _checkpoints import ckpts, load_folder  # noqa: F401  (session fixture)
 
 import modkern
-from modkern.checkpoint import merge_checkpoints
-from modkern.hf_checkpoint import INDEX, SINGLE
-from modkern.merge import MergeStats, merge_state_dicts
-from modkern.paper_config import load_paper_config
+from modkern.checkpoint.merge import merge_checkpoints
+from modkern.checkpoint.folder import INDEX, SINGLE
+from modkern.merging.state_dict import MergeStats, merge_state_dicts
+from modkern.checkpoint.paper_config import load_paper_config
 
 PAIRS = [("qwen_a", "qwen_b"), ("llama_a", "llama_b")]
 
@@ -201,9 +201,9 @@ def test_device_route_logic_on_cpu(ckpts):
     """The --device route (t1 copied to the device, selected and patched there) run with
     the CPU as the device: it must equal merge_state_dicts on the loaded tensors. (No GPU
     here; on one, the same code runs there.)"""
-    from modkern.checkpoint import _merge_on
-    from modkern.select import select_into
-    from modkern.hf_checkpoint import Checkpoint
+    from modkern.checkpoint.merge import _merge_on
+    from modkern.ops.select import select_into
+    from modkern.checkpoint.folder import Checkpoint
     with Checkpoint(ckpts["llama_a"], "BASE") as c1, Checkpoint(ckpts["llama_b"], "OTHER") as c2:
         for name in c1.names():
             r2 = c2.where[name]

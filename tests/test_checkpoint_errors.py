@@ -12,8 +12,8 @@ import torch
 from _checkpoints import ckpts, load_folder  # noqa: F401  (session fixture)
 from safetensors.torch import save_file
 
-import modkern.checkpoint as ckpt_mod
-from modkern.checkpoint import merge_checkpoints
+import modkern.checkpoint.out_folder as ckpt_mod
+from modkern.checkpoint.merge import merge_checkpoints
 from modkern.errors import (AlphaError, CheckpointError, KeyMismatchError, NonFiniteError,
                             ShapeMismatchError)
 

@@ -13,12 +13,12 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from modkern import page_cache
-from modkern.checkpoint import merge_checkpoints
+from modkern.checkpoint import page_cache
+from modkern.checkpoint.merge import merge_checkpoints
 from modkern.errors import CheckpointError
-from modkern.safetensors_io import PAGE, SafetensorsReader
-from modkern.shard_writer import (PlannedTensor, PositionedWriter, ShardWriter, parse_size,
-                                  plan_shards, preallocate, write_index)
+from modkern.checkpoint.safetensors_io import PAGE, SafetensorsReader
+from modkern.checkpoint.shard_writer import (PlannedTensor, PositionedWriter, ShardWriter,
+                                             parse_size, plan_shards, preallocate, write_index)
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.int8]
 

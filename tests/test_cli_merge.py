@@ -14,8 +14,8 @@ import pytest
 import torch
 from _checkpoints import ROOT, ckpts, load_folder, run_cli  # noqa: F401  (session fixture)
 
-from modkern.checkpoint import merge_checkpoints
-from modkern.merge import merge_state_dicts
+from modkern.checkpoint.merge import merge_checkpoints
+from modkern.merging.state_dict import merge_state_dicts
 
 
 def _files(folder: Path) -> dict[str, bytes]:

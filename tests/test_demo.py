@@ -11,8 +11,8 @@ import torch
 pytest.importorskip("transformers")
 
 from modkern.cli import build_parser, main  # noqa: E402
-from modkern.demo import TASK_A, TASK_B, Task, copying, held_out, train  # noqa: E402
-from modkern.toy import char_tokenizer, tiny_causal_lm  # noqa: E402
+from modkern.demo.tasks import TASK_A, TASK_B, Task, copying, held_out, train  # noqa: E402
+from modkern.demo.toy import char_tokenizer, tiny_causal_lm  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,11 @@ import pytest
 import torch
 from _checkpoints import ROOT, ckpts, load_folder, run_cli  # noqa: F401  (session fixture)
 
-from modkern.checkpoint import merge_checkpoints, open_merge
-from modkern.distributed_merge import DistributedMergeError, Part, _agreed_error, assign
+from modkern.checkpoint.merge import merge_checkpoints, open_merge
+from modkern.checkpoint.distributed import DistributedMergeError, Part, _agreed_error, assign
 from modkern.errors import NonFiniteError
-from modkern.merge import merge_state_dicts
-from modkern.shard_writer import PlannedTensor
+from modkern.merging.state_dict import merge_state_dicts
+from modkern.checkpoint.shard_writer import PlannedTensor
 
 TIMEOUT = 180  # seconds: a hung rank fails the test instead of blocking it
 

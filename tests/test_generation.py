@@ -1,4 +1,4 @@
-"""Mixture decoding (modkern.generation) on tiny random Qwen2 / Llama models built locally.
+"""Mixture decoding (modkern.decoding.generation) on tiny random Qwen2 / Llama models built locally.
 
 The references are the models' own `generate` (alpha = 1 and 0 must reproduce it token for
 token) and full-sequence forwards without any cache, mixed by the float64 specification."""
@@ -15,9 +15,9 @@ pytest.importorskip("transformers")
 from transformers import LogitsProcessorList  # noqa: E402
 
 from modkern import AlphaError, ShapeMismatchError  # noqa: E402
-from modkern.generation import MixtureOfDistributions, generate  # noqa: E402
-from modkern.mix_reference import mix_logits_reference  # noqa: E402
-from modkern.toy import char_tokenizer, tiny_causal_lm  # noqa: E402
+from modkern.decoding.generation import MixtureOfDistributions, generate  # noqa: E402
+from modkern.ops.mix_reference import mix_logits_reference  # noqa: E402
+from modkern.demo.toy import char_tokenizer, tiny_causal_lm  # noqa: E402
 
 PROMPTS = ["12+3=", "a", "hello abc", "7"]
 NEW = 6
@@ -202,7 +202,7 @@ def test_bad_input(models, tok):
 def test_import_modkern_stays_light():
     code = ("import sys, modkern; assert 'transformers' not in sys.modules; "
             "assert callable(modkern.generate); "
-            "assert modkern.MixtureOfDistributions.__module__ == 'modkern.generation'")
+            "assert modkern.MixtureOfDistributions.__module__ == 'modkern.decoding.generation'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

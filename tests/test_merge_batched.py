@@ -6,7 +6,7 @@ import torch
 
 import modkern
 from modkern.errors import NonFiniteError
-from modkern.merge import alpha_for
+from modkern.merging.patterns import alpha_for
 
 
 def _state_dicts(device, seed):

@@ -178,7 +178,7 @@ def test_filtered_alpha_and_keep_base_match_include(tmp_path, models):
 
 def test_backend_parameter_triton(tmp_path, models, monkeypatch):
     pytest.importorskip("triton", reason="triton is not installed")
-    from modkern import select
+    from modkern.ops import select
 
     used = []
     engine = select._engine

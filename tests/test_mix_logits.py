@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from mix_cases import (DTYPES, NEG_INF, assert_close_out, hard_pair, logits)
 
 import modkern
-from modkern import (AlphaError, BackendError, DTypeError, ShapeMismatchError,
-                     mix_logits, mix_logits_many)
-from modkern.mix_reference import mix_logits_many_reference, mix_logits_reference
+from modkern import (AlphaError, BackendError, DTypeError, ShapeMismatchError, mix_logits,
+                     mix_logits_many)
+from modkern.ops.mix_reference import mix_logits_many_reference, mix_logits_reference
 
 # The Triton interpreter evaluates masked lanes in numpy too (-inf - -inf, log 0): harmless.
 pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),

@@ -10,7 +10,7 @@ import torch
 from mix_cases import DTYPES, NEG_INF, assert_close_grad, hard_pair, logits
 
 from modkern import mix_logits, mix_logits_many
-from modkern.mix_reference import mix_logits_many_reference, weight_grad_reference
+from modkern.ops.mix_reference import mix_logits_many_reference, weight_grad_reference
 
 pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
               pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")]

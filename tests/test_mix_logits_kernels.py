@@ -14,7 +14,7 @@ from mix_cases import (ATOL_OUT_BIG_V, NEG_INF, assert_close_grad, assert_close_
                        logits)
 
 from modkern import mix_logits
-from modkern.mix_reference import mix_logits_many_reference, weight_grad_reference
+from modkern.ops.mix_reference import mix_logits_many_reference, weight_grad_reference
 
 pytest.importorskip("triton")
 km = pytest.importorskip("modkern.kernels.mix_logits")

@@ -19,7 +19,7 @@ from mix_cases import ATOL_OUT, assert_close_grad, assert_close_out, logits
 from mix_parallel_cases import CASES, call, make_case, spawn, weight_tensor
 
 from modkern import ShapeMismatchError, mix_logits
-from modkern.mix_reference import mix_logits_many_reference
+from modkern.ops.mix_reference import mix_logits_many_reference
 
 pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
               pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")]
@@ -153,7 +153,7 @@ def test_group_without_init_process_group():
 
 
 def _engines():
-    from modkern import mix_torch
+    from modkern.ops import mix_torch
     yield "torch", mix_torch
     if "triton" in BACKENDS:
         from modkern.kernels import mix_logits as km
@@ -167,7 +167,7 @@ def test_engine_pieces_compose_over_any_cut(engine, data):
     """The seams the ranks use, without processes: cut the vocabulary anywhere (empty slices
     included), combine the slices' partial stats as the all_gather does, sum the backward
     sums as the all_reduce does: the slices put together are the float64 reference."""
-    from modkern.mix_parallel import merge_stats
+    from modkern.ops.mix_parallel import merge_stats
     V = data.draw(st.integers(1, 200), label="V")
     cuts = sorted(data.draw(st.lists(st.integers(0, V), max_size=3), label="cuts"))
     bounds = list(zip([0, *cuts], [*cuts, V]))

@@ -48,7 +48,8 @@ except ModuleNotFoundError as error:  # pragma: no cover - depends on the enviro
         name="mergekit") from error
 
 from ..errors import ModkernError
-from ..select import check_alpha, mod_select
+from ..checks import check_alpha
+from ..ops.select import mod_select
 
 METHOD_NAME = "mod"
 PROG = "modkern-mergekit-yaml"

@@ -15,9 +15,9 @@ from typing import Any
 
 import yaml
 
-from ._version import __version__
-from .errors import CheckpointError
-from .merge import exact_pattern
+from .._version import __version__
+from ..errors import CheckpointError
+from ..merging.patterns import exact_pattern
 
 RECIPE = "modkern_recipe.yaml"
 RULE_KEYS = ("alpha", "include", "exclude", "precision", "strict", "dtype")

@@ -3,12 +3,12 @@
 
     out = log(sum_k w_k * softmax(l_k))      over the last dim, float32 log-probabilities
 
-Both backends implement one engine interface (see modkern/mix_torch.py): a forward that
+Both backends implement one engine interface (see modkern/ops/mix_torch.py): a forward that
 returns the output plus what the backward needs (the Triton one keeps each row's
 logsumexp, never a softmax), and a backward that recomputes the softmaxes from the inputs.
 `_MixFunction` wraps an engine for autograd: gradients flow to every logits tensor and to
 tensor weights (alpha). With group= (a vocabulary split across processes) the same engines
-run in pieces around two small collectives: modkern/mix_parallel.py.
+run in pieces around two small collectives: modkern/ops/mix_parallel.py.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import mix_torch
-from .backends import kernel_module, resolve_backend
-from .errors import AlphaError, BackendError, DTypeError, ShapeMismatchError
-from .select import check_alpha
+from ..backends import kernel_module, resolve_backend
+from ..errors import AlphaError, BackendError, DTypeError, ShapeMismatchError
+from ..checks import check_alpha
 
 VOCAB_MODES = ("strict", "common")
 MAX_TRITON_K = 4  # the Triton kernels take up to 4 logits tensors
@@ -55,7 +55,7 @@ def mix_logits(l1: torch.Tensor, l2: torch.Tensor, alpha: Weight, *, backend: st
             the group must call it (and backpropagate through it) with the same weights
             and leading shape. One all_gather per call, one all_reduce per backward; the
             gradient of a tensor alpha is complete on every rank (see
-            modkern/mix_parallel.py). n_valid then counts columns of the whole vocabulary
+            modkern/ops/mix_parallel.py). n_valid then counts columns of the whole vocabulary
             and needs vocab_start; vocab="common" needs both models sliced at the same
             column boundaries (each rank keeps its common prefix).
         vocab_start: with group and n_valid, this rank's first column in the whole

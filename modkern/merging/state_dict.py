@@ -1,94 +1,25 @@
-"""`merge_state_dicts`: MoD over whole state dicts, with name filters and per-name alpha.
-
-Name patterns (for `include`, `exclude` and the keys of an alpha mapping) follow one rule:
-a pattern with a glob character (`*`, `?`, `[`) must match the whole name (fnmatch);
-any other pattern matches when it occurs in the name (so `"mlp"` selects what the paper's
-released code merged).
+"""`merge_state_dicts`: MoD over whole state dicts, with name filters and per-name alpha
+(see modkern/merging/patterns.py for the name patterns and alpha rules).
 """
 
 from __future__ import annotations
 
-import fnmatch
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
-from .backends import resolve_backend
-from .errors import AlphaError, DTypeError, KeyMismatchError, ModkernError
-from .select import SelectResult, check_alpha, check_pair, check_precision, select_inplace, \
-    select_into, select_many_into
+from ..backends import resolve_backend
+from ..errors import DTypeError, KeyMismatchError, ModkernError
+from ..checks import check_precision
+from ..ops.select import SelectResult, check_pair, select_inplace, select_into, \
+    select_many_into
+from .patterns import AlphaRule, Patterns, alpha_for, check_alpha_rule, name_filter
 
 # Tensors up to this many elements are packed together on the Triton backend (norms,
 # biases): one launch pair for all of them instead of one per tensor.
 BATCH_MAX = 1 << 16
-
-AlphaRule = float | Mapping[str, float] | Callable[[str], "float | None"]
-Patterns = str | Iterable[str] | None
-
-
-def matches(name: str, pattern: str) -> bool:
-    """Whether `pattern` selects `name` (see the module docstring)."""
-    if any(ch in pattern for ch in "*?["):
-        return fnmatch.fnmatchcase(name, pattern)
-    return pattern in name
-
-
-def exact_pattern(name: str) -> str:
-    """A pattern that matches `name` and nothing else: a glob (so it must match the whole
-    name) with its special characters escaped as one-character sets, e.g. "[m]odel.norm"."""
-    escaped = "".join(f"[{c}]" if c in "*?[" else c for c in name)
-    if escaped != name:
-        return escaped
-    # no glob character yet: make one of a plain character (not one a set treats specially)
-    i = next((i for i, c in enumerate(name) if c not in "!^]-"), None)
-    return name if i is None else f"{name[:i]}[{name[i]}]{name[i + 1:]}"
-
-
-def _pattern_list(patterns: Patterns) -> list[str] | None:
-    if patterns is None:
-        return None
-    return [patterns] if isinstance(patterns, str) else list(patterns)
-
-
-def name_filter(include: Patterns = None, exclude: Patterns = None) -> Callable[[str], bool]:
-    """A predicate: True for names matched by some `include` pattern (all names when include
-    is None) and by no `exclude` pattern."""
-    inc, exc = _pattern_list(include), _pattern_list(exclude) or []
-
-    def keep(name: str) -> bool:
-        if inc is not None and not any(matches(name, p) for p in inc):
-            return False
-        return not any(matches(name, p) for p in exc)
-
-    return keep
-
-
-def check_alpha_rule(rule: AlphaRule) -> AlphaRule:
-    """The rule with every number checked (a float, or each value of a mapping, matched
-    by a tensor or not), so a bad alpha fails before any work; functions are checked per
-    call."""
-    if isinstance(rule, Mapping):
-        return {pattern: check_alpha(value, f"alpha for pattern {pattern!r}")
-                for pattern, value in rule.items()}
-    return rule if callable(rule) else check_alpha(rule)
-
-
-def alpha_for(rule: AlphaRule, name: str) -> float | None:
-    """The alpha `rule` gives `name`: the float itself, the value of the first matching
-    pattern of a mapping (in its order), or what a function returns (None: do not merge
-    this tensor). Raises AlphaError when a mapping has no pattern for the name."""
-    if isinstance(rule, Mapping):
-        for pattern, value in rule.items():
-            if matches(name, pattern):
-                return check_alpha(value, f"alpha for {name!r} (pattern {pattern!r})")
-        raise AlphaError(f"no alpha pattern matches tensor {name!r}; patterns are "
-                         f"{list(rule)}; add a catch-all such as '*': 0.9")
-    if callable(rule):
-        value = rule(name)
-        return None if value is None else check_alpha(value, f"alpha for {name!r}")
-    return check_alpha(rule)
 
 
 @dataclass

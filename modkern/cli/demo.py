@@ -85,14 +85,15 @@ def _check_out(out: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from ..demo import DemoConfig, format_table, run_demo
+    from ..demo.report import format_table
+    from ..demo.run import DemoConfig, run_demo
 
     quick = args.quick or os.environ.get(QUICK_ENV, "") not in ("", "0")
     config = DemoConfig.quick(args.seed) if quick else DemoConfig(seed=args.seed)
     overrides = {"alphas": args.alphas, "pretrain_steps": args.pretrain_steps,
                  "finetune_steps": args.finetune_steps, "eval_examples": args.eval_examples}
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
-    from ..select import check_alpha  # imports torch: not at --help time
+    from ..checks import check_alpha  # imports torch: not at --help time
     for a in config.alphas:
         check_alpha(a, "--alphas")
     out = args.out or Path(tempfile.mkdtemp(prefix="modkern-demo-"))

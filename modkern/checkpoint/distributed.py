@@ -39,13 +39,15 @@ from pathlib import Path
 
 import torch
 
-from . import errors, publish
-from .checkpoint import (MergeJob, MergeReport, _prefetched, _progress_bar, checked_minmax,
-                         open_merge, patch_from_other)
-from .errors import CheckpointError, ModkernError
-from .select_reference import select_threshold
-from .shard_writer import BackgroundWriter, PlannedTensor, PositionedWriter, preallocate, \
-    write_index
+from .. import errors
+from . import publish
+from .merge import (MergeJob, _prefetched, _progress_bar, checked_minmax, open_merge,
+                    patch_from_other)
+from .report import MergeReport
+from ..errors import CheckpointError, ModkernError
+from ..ops.select_reference import select_threshold
+from .shard_writer import (BackgroundWriter, PlannedTensor, PositionedWriter, preallocate,
+                           write_index)
 
 # Tensors above this many bytes are split by rows over the ranks (override: split_above).
 DEFAULT_SPLIT_ABOVE = 4 * 1000 ** 3

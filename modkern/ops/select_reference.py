@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import torch
 
-PRECISIONS = ("exact", "reference")
-
 
 def compute_dtype(dtype: torch.dtype, precision: str) -> torch.dtype:
     """The dtype the normalization is computed in.

@@ -1,4 +1,4 @@
-"""The `modkern` command line: one subcommand per module in `modkern.commands`.
+"""The `modkern` command line: one subcommand per module in this package.
 
 Every subcommand module defines `add_parser(subparsers)` and `run(args) -> int`. Errors that
 modkern raises on bad input end the program with a one-line message and exit code 2.
@@ -11,10 +11,10 @@ import importlib
 import sys
 from typing import Sequence
 
-from ._version import __version__
-from .errors import ModkernError
+from .._version import __version__
+from ..errors import ModkernError
 
-# Subcommand name -> module under modkern.commands (imported lazily: `--help` stays fast).
+# Subcommand name -> module of modkern.cli (imported lazily: `--help` stays fast).
 COMMANDS = {
     "demo": "demo",
     "generate": "generate",
@@ -31,13 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"modkern {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in COMMANDS.values():
-        importlib.import_module(f"modkern.commands.{module}").add_parser(sub)
+        importlib.import_module(f"modkern.cli.{module}").add_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    module = importlib.import_module(f"modkern.commands.{COMMANDS[args.command]}")
+    module = importlib.import_module(f"modkern.cli.{COMMANDS[args.command]}")
     try:
         return int(module.run(args) or 0)
     except ModkernError as err:

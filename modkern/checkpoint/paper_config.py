@@ -19,9 +19,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import AlphaError, CheckpointError
+from ..errors import AlphaError, CheckpointError
 from .recipe import read_mapping
-from .select import check_alpha
+from ..checks import check_alpha
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ Engine interface (shared with modkern.kernels.mix_logits):
     forward(ls, W, n_valid, lse=None) -> (out, saved)
     backward(ls, W, saved, g, n_valid, need_w) -> (grads, grad_W or None)
 ls: K tensors [R, V]; W: weights [R or 1, K]; columns >= n_valid count as -inf.
-For a vocabulary split across processes (modkern/mix_parallel.py), the same work in pieces
+For a vocabulary split across processes (modkern/ops/mix_parallel.py), the same work in pieces
 that meet at the two row-wise reductions, each row's logsumexp per model and the sums c_k, d_k:
     local_stats(ls, n_valid) -> (m, s)       partial (max, sum exp(x - max)), [R, S, K]
     forward(..., lse=global lse [R, K])       the softmaxes taken as exp(l_k - lse_k)

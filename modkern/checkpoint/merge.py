@@ -15,7 +15,6 @@ The result equals `merge_state_dicts` on the two loaded state dicts, bit for bit
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -23,127 +22,31 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from .. import __version__
+from ..checks import check_precision
+from ..errors import BackendError, ModkernError, NonFiniteError
+from ..merging.patterns import AlphaRule, Patterns, check_alpha_rule, exact_pattern, \
+    name_filter, pattern_list
+from ..merging.state_dict import _plan, check_keys
+from ..ops.select_reference import select_threshold
+from ..ops.select_torch import selected_indices
 from . import publish, recipe as recipe_io
-from ._version import __version__
-from .errors import BackendError, CheckpointError, DTypeError, ModkernError, NonFiniteError
-from .hf_checkpoint import Checkpoint
-from .merge import AlphaRule, Patterns, _pattern_list, _plan, check_alpha_rule, check_keys, \
-    exact_pattern, name_filter
-from .select import check_precision
-from .select_reference import select_threshold
-from .select_torch import selected_indices
+from .folder import Checkpoint, check_configs
+from .options import parse_dtype
+from .out_folder import COPIED, check_out_path, check_space, copy_base_files
+from .report import MergeReport
 from .shard_writer import (BackgroundWriter, PlannedTensor, ShardWriter, parse_size,
                            plan_shards)
 
-# Files copied from BASE into the output, beside the weights (top level only).
-COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-          "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-          "vocab.txt", "merges.txt", "chat_template.json", "chat_template.jinja",
-          "spiece.model", "preprocessor_config.json")
-# config.json keys that fix the tensors' meaning: both models must agree on them.
-ARCH_KEYS = ("architectures", "model_type", "hidden_size", "num_hidden_layers",
-             "intermediate_size", "num_attention_heads", "num_key_value_heads", "vocab_size",
-             "head_dim")
-DTYPE_ALIASES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-                 "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-                 "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-                 "float64": torch.float64, "fp64": torch.float64}
 # Buffers BASE's tensors are read into: one being read, one merged, one written.
 _RING = 3
 # Test hook: seconds to sleep after writing each tensor (lets a test kill a merge mid-way).
 _SLOW_ENV = "MODKERN_TEST_WRITE_DELAY"
-
-
-@dataclass
-class MergeReport:
-    """What `merge_checkpoints` did. Byte counts are what was asked of each input's weight
-    files (headers included); bytes_base/bytes_other are those files' sizes."""
-
-    out: Path
-    tensors_merged: int = 0
-    tensors_copied: int = 0
-    elements_merged: int = 0
-    elements_taken: int = 0
-    bytes_read_base: int = 0
-    bytes_read_other: int = 0
-    bytes_base: int = 0
-    bytes_other: int = 0
-    bytes_written: int = 0
-    seconds: float = 0.0
-    taken_by_key: dict[str, int] = field(default_factory=dict, repr=False)
-
-    def summary(self) -> str:
-        """One line: tensors, elements taken from OTHER, bytes read per input, time."""
-        def frac(a: int, b: int) -> str:
-            return f"{a / b:.1%}" if b else "-"
-        taken = (f"{self.elements_taken / self.elements_merged:.1e}"
-                 if self.elements_merged else "-")
-        return (f"merged {self.tensors_merged} tensors ({self.tensors_copied} copied); took "
-                f"{self.elements_taken:,} of {self.elements_merged:,} elements from OTHER "
-                f"({taken}); read {format_bytes(self.bytes_read_base)} of BASE "
-                f"({frac(self.bytes_read_base, self.bytes_base)}) and "
-                f"{format_bytes(self.bytes_read_other)} of OTHER "
-                f"({frac(self.bytes_read_other, self.bytes_other)}); wrote "
-                f"{format_bytes(self.bytes_written)} to {self.out} in {self.seconds:.1f} s")
-
-
-def format_bytes(n: int) -> str:
-    """n bytes for people: "512 B", "1.50 MB" (powers of 1000)."""
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-
-
-def parse_dtype(dtype) -> torch.dtype | None:
-    """None, a torch floating dtype, or a name such as 'bfloat16'/'bf16'."""
-    if dtype is None or isinstance(dtype, torch.dtype) and dtype.is_floating_point:
-        return dtype
-    if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in DTYPE_ALIASES:
-        return DTYPE_ALIASES[dtype.lower().removeprefix("torch.")]
-    raise DTypeError(f"dtype {dtype!r}: expected a floating-point dtype such as bfloat16, "
-                     "float16 or float32")
-
-
-def _check_paths(base: Path, other: Path, out: Path, force: bool) -> None:
-    for label, src in (("BASE", base), ("OTHER", other)):
-        if out == src or src in out.parents:
-            raise CheckpointError(f"OUT {out}: is {'the' if out == src else 'inside'} {label} "
-                                  f"folder {src}; expected a folder outside both inputs")
-        if out in src.parents:
-            raise CheckpointError(f"OUT {out}: contains {label} folder {src}; expected a "
-                                  "folder outside both inputs")
-    if out.exists() or out.is_symlink():
-        if not force:
-            raise CheckpointError(f"OUT {out}: already exists; expected a new folder (pass "
-                                  "--force / force=True to replace it)")
-        if not out.is_dir():
-            raise CheckpointError(f"OUT {out}: exists and is not a folder; expected a folder "
-                                  "(remove it yourself)")
-
-
-def _check_configs(c1: dict, c2: dict, base: Path, other: Path) -> None:
-    for key in ARCH_KEYS:
-        if key in c1 and key in c2 and c1[key] != c2[key]:
-            raise CheckpointError(f"config.json: {key} differs: BASE {base} has {c1[key]!r}, "
-                                  f"OTHER {other} has {c2[key]!r}; expected the same "
-                                  "architecture and shapes")
-
-
-def _check_space(out: Path, needed: int) -> None:
-    probe = out.parent
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if needed > free:
-        raise CheckpointError(f"OUT {out}: not enough disk space: the merge writes "
-                              f"{format_bytes(needed)} but {probe} has {format_bytes(free)} "
-                              "free; expected at least that much free")
 
 
 def _nonfinite_t1(flat: torch.Tensor, file: Path, name: str, first: int = 0
@@ -354,7 +257,7 @@ class MergeJob:
         model card (the index is written with the shards)."""
         inputs = {"base": recipe_io.describe_input(self.ck1, self.copied, self.full_hash),
                   "other": recipe_io.describe_input(self.ck2, self.copied, self.full_hash)}
-        _copy_base_files(self.base, tmp, self.copied, self.out_dtype)
+        copy_base_files(self.base, tmp, self.copied, self.out_dtype)
         record = _recipe(inputs, self.alpha, self.include, self.exclude, self.strict,
                          self.precision, self.out_dtype, self.shard_bytes, self.full_hash,
                          report, self.ck1.names(), self.plan, self.extra_recipe)
@@ -387,11 +290,11 @@ def open_merge(base: str | os.PathLike, other: str | os.PathLike, out: str | os.
     base_p, other_p = Path(base).absolute(), Path(other).absolute()
     out_p = Path(out).absolute()
     publish.remove_stale(out_p)  # first: it may restore the OUT a killed swap left aside
-    _check_paths(base_p.resolve(), other_p.resolve(), out_p.resolve(), force)
+    check_out_path(base_p.resolve(), other_p.resolve(), out_p.resolve(), force)
 
     with Checkpoint(base_p, "BASE", "sequential") as ck1, \
             Checkpoint(other_p, "OTHER", "random") as ck2:
-        _check_configs(ck1.config(), ck2.config(), base_p, other_p)
+        check_configs(ck1.config(), ck2.config(), base_p, other_p)
         sd1 = {n: i.meta() for n, i in ck1.items()}
         sd2 = {n: i.meta() for n, i in ck2.items()}
         if strict:
@@ -418,7 +321,7 @@ def open_merge(base: str | os.PathLike, other: str | os.PathLike, out: str | os.
         copied = [f for f in COPIED if (base_p / f).is_file()]
         needed = sum(s.nbytes + len(s.header()) for s in shards) + \
             sum((base_p / f).stat().st_size for f in copied) + (1 << 20)
-        _check_space(out_p, needed)
+        check_space(out_p, needed)
         yield MergeJob(base_p, other_p, out_p, ck1, ck2, alpha, include, exclude, strict,
                        precision, dev, out_dtype, shard_bytes, full_hash, extra_recipe, plan,
                        planned, shards, copied)
@@ -467,24 +370,9 @@ def _progress_bar(progress: bool | None, total_bytes: int, tensors: int):
                 postfix=f"0/{tensors} tensors")
 
 
-def _copy_base_files(base: Path, tmp: Path, copied: list[str],
-                     out_dtype: torch.dtype | None) -> None:
-    for name in copied:
-        src, dst = base / name, tmp / name
-        if name == "config.json" and out_dtype is not None:
-            config = json.loads(src.read_text(encoding="utf-8"))
-            dtype_name = str(out_dtype).removeprefix("torch.")
-            keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
-            for k in keys:
-                config[k] = dtype_name
-            dst.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        else:
-            shutil.copyfile(src, dst)
-
-
 def _recipe(inputs, alpha, include, exclude, strict, precision, out_dtype, shard_bytes,
             full_hash, report: MergeReport, names, plan, extra) -> dict:
-    exclude = _pattern_list(exclude)
+    exclude = pattern_list(exclude)
     if callable(alpha) and not isinstance(alpha, Mapping):
         # a function is recorded as its values: per merged tensor an exact-name pattern,
         # and the tensors it left unmerged join `exclude`, so the recipe reruns as is
@@ -495,7 +383,7 @@ def _recipe(inputs, alpha, include, exclude, strict, precision, out_dtype, shard
         "method": "mod-weight-select",
         "inputs": inputs,
         "alpha": recipe_io.alpha_record(alpha, plan),
-        "include": _pattern_list(include),
+        "include": pattern_list(include),
         "exclude": exclude,
         "precision": precision,
         "strict": strict,

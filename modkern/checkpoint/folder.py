@@ -13,11 +13,15 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 from .safetensors_io import SafetensorsReader, TensorInfo
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+# config.json keys that fix the tensors' meaning: both models must agree on them.
+ARCH_KEYS = ("architectures", "model_type", "hidden_size", "num_hidden_layers",
+             "intermediate_size", "num_attention_heads", "num_key_value_heads", "vocab_size",
+             "head_dim")
 PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin", "*.bin", "*.pt",
            "*.pth", "*.ckpt")
 
@@ -156,3 +160,11 @@ class Checkpoint:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise CheckpointError(f"{self.label} {path}: unreadable config ({err}); expected "
                                   "JSON") from None
+
+
+def check_configs(c1: dict, c2: dict, base: Path, other: Path) -> None:
+    for key in ARCH_KEYS:
+        if key in c1 and key in c2 and c1[key] != c2[key]:
+            raise CheckpointError(f"config.json: {key} differs: BASE {base} has {c1[key]!r}, "
+                                  f"OTHER {other} has {c2[key]!r}; expected the same "
+                                  "architecture and shapes")

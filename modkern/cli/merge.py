@@ -106,9 +106,9 @@ def _terminate(signum, frame):  # SIGTERM: unwind like Ctrl-C so the temp folder
 def _merge_function(args: argparse.Namespace):
     """merge_checkpoints, or its distributed form under torchrun / --distributed; this
     process's rank; the options only the distributed form takes."""
-    from ..checkpoint import merge_checkpoints
-    from ..distributed_merge import launched_by_torchrun, merge_checkpoints_distributed
-    from ..shard_writer import parse_size
+    from ..checkpoint.merge import merge_checkpoints
+    from ..checkpoint.distributed import launched_by_torchrun, merge_checkpoints_distributed
+    from ..checkpoint.shard_writer import parse_size
 
     if not (args.distributed or launched_by_torchrun()):
         for opt, value in (("--split-above", args.split_above),
@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
     except ModkernError as err:
-        from ..distributed_merge import DistributedMergeError, launched_by_torchrun
+        from ..checkpoint.distributed import DistributedMergeError, launched_by_torchrun
 
         distributed = args.distributed or launched_by_torchrun()
         same_on_all = isinstance(err, DistributedMergeError) or not args.merge_started
@@ -150,8 +150,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..paper_config import load_paper_config
-    from ..recipe import load_rules
+    from ..checkpoint.paper_config import load_paper_config
+    from ..checkpoint.recipe import load_rules
 
     rules = load_rules(args.recipe) if args.recipe else {}
     extra = None

@@ -21,9 +21,9 @@ from typing import Any, Sequence
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from .errors import ShapeMismatchError
-from .mix import mix_logits
-from .select import check_alpha
+from ..errors import ShapeMismatchError
+from ..ops.mix import mix_logits
+from ..checks import check_alpha
 
 __all__ = ["MixtureOfDistributions", "generate"]
 

@@ -18,7 +18,7 @@ import secrets
 import shutil
 from pathlib import Path
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100

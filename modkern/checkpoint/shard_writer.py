@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError
-from .hf_checkpoint import INDEX, SINGLE
+from ..errors import CheckpointError
+from .folder import INDEX, SINGLE
 from .safetensors_io import DTYPE_NAMES
 
 

@@ -4,7 +4,7 @@ head leaves its logits).
 
 Every output column needs only its own logits and one number per row and model, the
 row's logsumexp lse_k over the whole vocabulary; the rest of the mixture is elementwise
-(DESIGN.md 1.2, modkern/mix_torch.py). So each rank:
+(DESIGN.md 1.2, modkern/ops/mix_torch.py). So each rank:
 
 1. reduces its slice to a partial (max m, sum-exp s) per row and model (the engine's
    `local_stats`);
@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from . import mix_torch
-from .errors import ShapeMismatchError
+from ..errors import ShapeMismatchError
 
 NEG_INF = float("-inf")
 

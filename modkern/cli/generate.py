@@ -63,9 +63,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from ..generation import generate
+    from ..decoding.generation import generate
 
-    from ..select import check_alpha  # imports torch: not at --help time
+    from ..checks import check_alpha  # imports torch: not at --help time
     alpha = check_alpha(args.alpha, "--alpha")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model1 = _load(args.model, "--model", device, args.dtype)

@@ -1,0 +1,35 @@
+"""Checks of arguments shared by every operation: alpha, precision, float dtypes."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from .errors import AlphaError, OptionError
+
+PRECISIONS = ("exact", "reference")
+
+
+# The dtypes the select computes in (float8 has no min/max or arithmetic on the CPU).
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+def check_alpha(alpha: float, where: str = "alpha") -> float:
+    """alpha as a Python float, or AlphaError if it is not a real number in [0, 1]."""
+    if isinstance(alpha, torch.Tensor) and alpha.numel() == 1:
+        alpha = alpha.item()
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise AlphaError(f"{where} must be a real number in [0, 1], got {alpha!r}")
+    alpha = float(alpha)
+    if math.isnan(alpha) or not 0.0 <= alpha <= 1.0:
+        raise AlphaError(f"{where} must lie in [0, 1], got {alpha!r}")
+    return alpha
+
+
+def check_precision(precision: str) -> str:
+    """precision itself, or OptionError if it is not one of PRECISIONS."""
+    if precision not in PRECISIONS:
+        raise OptionError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision

@@ -1,1 +1,0 @@
-"""Subcommands of the `modkern` command line, one module each (see modkern.cli)."""

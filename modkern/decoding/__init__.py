@@ -1,0 +1,1 @@
+"""Decoding with a mixture of two models (a transformers LogitsProcessor and `generate`)."""

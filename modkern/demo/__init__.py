@@ -1,0 +1,1 @@
+"""`modkern demo`: tiny local models, two specialists, and every way of combining them."""

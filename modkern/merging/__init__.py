@@ -1,0 +1,1 @@
+"""Merging whole models in memory: state dicts, name patterns and alpha rules."""
