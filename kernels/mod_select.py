@@ -13,8 +13,9 @@ Both kernels also run SEGMENTED: many small tensors packed end to end in one buf
 block table giving each program its block's start, end and tensor (segment), so a state
 dict's hundreds of norms and biases cost two launches, not two per tensor.
 
-Offsets are 64-bit: tensors may exceed 2**31 elements. `minmax` and `patch` match
-modkern.ops.select_torch's engine interface, so modkern.ops.select drives both the same way.
+Offsets are 64-bit: tensors may exceed 2**31 elements. `minmax` and `patch` are the
+launchers modkern.ops.select_engine.TritonEngine calls (the select pipeline's engine
+protocol); every launch names its arguments.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def _block_bounds(pid, n, start_ptr, end_ptr, SEGMENTED: tl.constexpr, BLOCK: tl
     return start, end
 
 
+# Bytes moved per element of t1 (b bytes each): reads b; with COPY also writes b. Plus
+# 2 * b per block of BLOCK elements for the block's min and max.
 @triton.jit
 def _minmax_kernel(src_ptr, dst_ptr, bmin_ptr, bmax_ptr, n, start_ptr, end_ptr,
                    COPY: tl.constexpr, SEGMENTED: tl.constexpr, ACC: tl.constexpr,
@@ -61,6 +64,8 @@ def _minmax_kernel(src_ptr, dst_ptr, bmin_ptr, bmax_ptr, n, start_ptr, end_ptr,
     tl.store(bmax_ptr + pid, narrow(tl.where(has_nan, float("nan"), hi), dtype))
 
 
+# Bytes moved: b per block for its max; then, only in blocks whose max reaches v, a read
+# of the block of dst (b per element), and t2's bytes and a write of b per element taken.
 @triton.jit
 def _patch_kernel(dst_ptr, t2_ptr, v_ptr, bmax_ptr, taken_ptr, bad_ptr, n,
                   start_ptr, end_ptr, seg_ptr,
@@ -131,9 +136,11 @@ def minmax(src: torch.Tensor, copy_to: torch.Tensor | None = None,
     blocks, (start, end, _) = _launch_args(n, table, src.device)
     bmin = torch.empty(blocks, dtype=src.dtype, device=src.device)
     bmax = torch.empty(blocks, dtype=src.dtype, device=src.device)
-    _minmax_kernel[(blocks,)](src, copy_to if copy_to is not None else src, bmin, bmax, n,
-                              start, end, COPY=copy_to is not None,
-                              SEGMENTED=table is not None, ACC=_acc(src.dtype), BLOCK=BLOCK)
+    _minmax_kernel[(blocks,)](
+        src_ptr=src, dst_ptr=copy_to if copy_to is not None else src,
+        bmin_ptr=bmin, bmax_ptr=bmax, n=n, start_ptr=start, end_ptr=end,
+        COPY=copy_to is not None, SEGMENTED=table is not None, ACC=_acc(src.dtype),
+        BLOCK=BLOCK)
     return bmin, bmax
 
 
@@ -161,8 +168,10 @@ def _patch(dst, t2, v, block_max, write: bool, table: BlockTable | None):
     counts = torch.zeros(segments + 1, dtype=torch.int64, device=dst.device)
     counts[-1] = n  # the last slot collects the first bad index (atomic min)
     v = v.reshape(-1).to(dst.dtype)
-    _patch_kernel[(blocks,)](dst, t2.reshape(-1), v, block_max, counts, counts[-1:], n,
-                             start, end, seg, WRITE=write, SEGMENTED=table is not None,
-                             ACC=_acc(dst.dtype), BLOCK=BLOCK)
+    _patch_kernel[(blocks,)](
+        dst_ptr=dst, t2_ptr=t2.reshape(-1), v_ptr=v, bmax_ptr=block_max,
+        taken_ptr=counts, bad_ptr=counts[-1:], n=n,
+        start_ptr=start, end_ptr=end, seg_ptr=seg,
+        WRITE=write, SEGMENTED=table is not None, ACC=_acc(dst.dtype), BLOCK=BLOCK)
     *taken, bad_at = counts.tolist()  # one device sync
     return (taken if table is not None else taken[0]), (bad_at if bad_at < n else -1)
