@@ -17,8 +17,11 @@ import pytest
 import torch
 from _checkpoints import ROOT, ckpts, load_folder, run_cli  # noqa: F401  (session fixture)
 
-from modkern.checkpoint.merge import merge_checkpoints, open_merge
-from modkern.checkpoint.distributed import DistributedMergeError, Part, _agreed_error, assign
+from modkern.checkpoint.merge import merge_checkpoints
+from modkern.checkpoint.job import open_merge
+from modkern.checkpoint.options import MergeOptions
+from modkern.checkpoint.distributed import DistributedMergeError, Part, assign
+from modkern.checkpoint.ranks import agreed_error as _agreed_error
 from modkern.errors import NonFiniteError
 from modkern.merging.state_dict import merge_state_dicts
 from modkern.checkpoint.shard_writer import PlannedTensor
@@ -116,7 +119,7 @@ def test_bit_identical_to_single_process(ckpts, tmp_path, nproc, case):
     r = torchrun(nproc, base, other, multi, *options, "--split-above", split_above)
     assert r.returncode == 0, r.stderr
     # Some tensors really were split, and each rank had some whole ones.
-    with open_merge(base, other, tmp_path / "plan", 0.9, dtype=dtype) as job:
+    with open_merge(base, other, tmp_path / "plan", MergeOptions(0.9, dtype=dtype)) as job:
         parts = assign(job.planned, nproc, split_above)
     assert all(any(p.rows for p in ps) and any(p.rows is None for p in ps) for ps in parts)
     assert _weights(multi) == _weights(single)
