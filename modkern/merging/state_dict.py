@@ -15,7 +15,8 @@ from ..checks import check_precision
 from ..errors import ModkernError
 from ..ops import select_engine
 from ..ops.select_context import SelectContext
-from ..ops.select_pipeline import select_inplace, select_into, select_packed
+from ..ops.select_pipeline import SelectResult, select_inplace, select_into, \
+    select_packed
 from .counts import MergeStats
 from .patterns import AlphaRule, Patterns, check_alpha_rule, name_filter
 from .plan import alphas, check_keys, names_to_merge
@@ -73,14 +74,8 @@ def merge_state_dicts(sd1: Mapping[str, torch.Tensor], sd2: Mapping[str, torch.T
         if engine.name == "triton" and 0 < t1.numel() <= BATCH_MAX:
             batches[(t1.dtype, t1.device)].append(name)  # small: packed, launched together
             continue
-        context = SelectContext(name)
-        if inplace:
-            result = select_inplace(t1, t2, a, precision=precision, engine=engine,
-                                    context=context)
-        else:
-            outputs[name] = torch.empty(t1.shape, dtype=t1.dtype, device=t1.device)
-            result = select_into(outputs[name], t1, t2, a, precision=precision, engine=engine,
-                                 context=context)
+        outputs[name], result = _merge_one(t1, t2, a, precision=precision, engine=engine,
+                                           inplace=inplace, name=name)
         stats.add(name, result)
     for names in batches.values():
         outputs |= _merge_packed(sd1, sd2, names, plan, precision, inplace, stats)
@@ -88,6 +83,19 @@ def merge_state_dicts(sd1: Mapping[str, torch.Tensor], sd2: Mapping[str, torch.T
     if inplace:
         return sd1  # type: ignore[return-value]
     return {name: outputs.get(name, t1) for name, t1 in sd1.items()}
+
+
+def _merge_one(t1: torch.Tensor, t2: torch.Tensor, alpha: float, *, precision: str,
+               engine: select_engine.SelectEngine, inplace: bool, name: str
+               ) -> tuple[torch.Tensor, SelectResult]:
+    """One pair through the select pipeline, into a new tensor or into t1 itself."""
+    context = SelectContext(name)
+    if inplace:
+        return t1, select_inplace(t1, t2, alpha, precision=precision, engine=engine,
+                                  context=context)
+    out = torch.empty(t1.shape, dtype=t1.dtype, device=t1.device)
+    return out, select_into(out, t1, t2, alpha, precision=precision, engine=engine,
+                            context=context)
 
 
 def _merge_packed(sd1, sd2, names: list[str], plan: dict[str, float], precision: str,
