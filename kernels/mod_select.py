@@ -1,4 +1,5 @@
-"""MoD weight select in Triton: the two passes of modkern.ops.select, one kernel each.
+"""MoD weight select in Triton: the two passes of the select pipeline (modkern/ops/
+select_pipeline.py), one kernel each.
 
 1. `_minmax_kernel`: each program takes one block of t1, writes that block's min and max
    (NaN if the block holds a NaN) and, out of place, copies the block to the output.
@@ -41,8 +42,10 @@ def _block_bounds(pid, n, start_ptr, end_ptr, SEGMENTED: tl.constexpr, BLOCK: tl
     return start, end
 
 
-# Bytes moved per element of t1 (b bytes each): reads b; with COPY also writes b. Plus
-# 2 * b per block of BLOCK elements for the block's min and max.
+# Moves, for N elements of b bytes: N*b read from src; N*b written to dst with COPY; 2*b
+# written per block of BLOCK elements (its min and max). Arguments: src (t1), dst (the
+# output, with COPY), bmin/bmax (one value per block), n (elements), start/end (the block
+# table, SEGMENTED only).
 @triton.jit
 def _minmax_kernel(src_ptr, dst_ptr, bmin_ptr, bmax_ptr, n, start_ptr, end_ptr,
                    COPY: tl.constexpr, SEGMENTED: tl.constexpr, ACC: tl.constexpr,
@@ -64,8 +67,11 @@ def _minmax_kernel(src_ptr, dst_ptr, bmin_ptr, bmax_ptr, n, start_ptr, end_ptr,
     tl.store(bmax_ptr + pid, narrow(tl.where(has_nan, float("nan"), hi), dtype))
 
 
-# Bytes moved: b per block for its max; then, only in blocks whose max reaches v, a read
-# of the block of dst (b per element), and t2's bytes and a write of b per element taken.
+# Moves, for N elements of b bytes: b read per block (its max); only in the blocks whose
+# max reaches v, BLOCK*b read from dst, and per element taken t2's element read and b
+# written (at alpha 0.9 few blocks qualify: about N*b/BLOCK in all). Arguments: dst (holds
+# t1), t2, v (threshold, one per segment), bmax (block maxima), taken (count per segment),
+# bad (first non-finite selected index), n, start/end/seg (the block table, SEGMENTED).
 @triton.jit
 def _patch_kernel(dst_ptr, t2_ptr, v_ptr, bmax_ptr, taken_ptr, bad_ptr, n,
                   start_ptr, end_ptr, seg_ptr,

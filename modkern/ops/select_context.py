@@ -36,7 +36,7 @@ class SelectContext:
 
     @property
     def tensor(self) -> str:
-        return f"tensor {self.name!r}" if self.name is not None else "tensor"
+        return f"tensor {self.name!r}" if self.name else "tensor"
 
     @property
     def pair(self) -> str:

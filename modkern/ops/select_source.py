@@ -54,7 +54,9 @@ class ElementReader(Protocol):
 
 class ReaderSource:
     """Tensor `name` of a file, read only at the elements asked for; `first` is the flat
-    index in that tensor of the part's first element (a row block)."""
+    index in that tensor of the part's first element (a row block). (How a file is read
+    for a chunk of indices, positioned reads of their pages or one sequential read when
+    many are selected, is decided here.)"""
 
     tensor = None
 
