@@ -21,6 +21,7 @@ import os
 import shutil
 import time
 
+from ..merging.patterns import AlphaRule
 from . import publish
 from .job import open_merge
 from .options import MergeOptions
@@ -30,7 +31,7 @@ from .shard_writer import BackgroundWriter, ShardWriter
 
 
 def merge_checkpoints(base: str | os.PathLike, other: str | os.PathLike,
-                      out: str | os.PathLike, alpha, **options) -> MergeReport:
+                      out: str | os.PathLike, alpha: AlphaRule, **options) -> MergeReport:
     """Merge two Hugging Face checkpoint folders by MoD weight select into a new folder.
 
     Args:
