@@ -51,10 +51,18 @@ class SelectEngine(Protocol):
 
 class PackedEngine(SelectEngine, Protocol):
     """An engine that also runs many small tensors packed end to end in one launch pair:
-    `minmax` and `patch` then take the `table` that `pack` built (v one value per tensor;
-    `patch` returns one count taken per tensor)."""
+    `minmax` and `patch` then take the `table` that `pack` built (v then holds one value
+    per tensor, and `patch` returns one count taken per tensor)."""
 
-    def pack(self, sizes: list[int], device: torch.device): ...
+    def pack(self, sizes: list[int], device: torch.device) -> object:
+        """The block table of tensors of `sizes` elements packed end to end."""
+
+    def minmax(self, src: torch.Tensor, copy_to: torch.Tensor | None = None,
+               table: object | None = None) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def patch(self, dst: torch.Tensor, t2: torch.Tensor, v: torch.Tensor,
+              block_max: torch.Tensor, atomic: bool = False, table: object | None = None
+              ) -> tuple[int | list[int], int]: ...
 
 
 class TorchEngine:
