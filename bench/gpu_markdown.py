@@ -11,6 +11,10 @@ def _time(seconds: float | None) -> str:
     return f"{seconds * 1e3:.3f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
+def _num(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
 def _machine(m: dict) -> list[str]:
     if "error" in m:
         return [f"Machine: unknown ({m['error']})."]
@@ -59,7 +63,7 @@ def _targets(targets: list[dict]) -> list[str]:
 def _groups(rows: list[dict]) -> list[str]:
     groups: dict[str, list[dict]] = {}
     for r in rows:
-        groups.setdefault(r["group"], []).append(r)
+        groups.setdefault(r.get("group") or str(r.get("case")), []).append(r)
     lines: list[str] = []
     for name, members in groups.items():
         base = next((r for r in members if r["impl"].startswith("modkern") and
@@ -74,8 +78,8 @@ def _groups(rows: list[dict]) -> list[str]:
             floor, share = r.get("bytes_floor"), r.get("share_of_copy")
             gbs = floor / r["seconds"] / 1e9 if floor else None
             lines.append(" | ".join([
-                f"| {r['impl']}", _time(r["seconds"]), f"{floor / 1e6:.1f}" if floor else "",
-                f"{gbs:.1f}" if gbs else "", f"{share:.0%}" if share else "",
+                f"| {r['impl']}", _time(r["seconds"]), _num(floor / 1e6) if floor else "",
+                _num(gbs) if gbs else "", f"{share:.0%}" if share else "",
                 f"{r['seconds'] / base['seconds']:.3g}x" if base else ""]) + " |")
     return lines
 

@@ -27,9 +27,10 @@ pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:Runti
 CUDA = torch.cuda.is_available()
 # On a GPU: 4M elements (1,024 blocks of 4,096); interpreted on the CPU: a few blocks.
 SELECT_N = 2 ** 22 + 3 if CUDA else 3 * 4096 + 5
-# On a GPU: Qwen2.5's head on 2 rows (the vocabulary split across programs) and 300 rows
-# (more than an H200's 132 SMs: a program per row); interpreted, 3 and 6 rows (4 "SMs").
-MIX_V, MIX_ROWS = (151_936, (2, 300)) if CUDA else (3000, (3, 6))
+# (rows, V): on a GPU, Qwen2.5's head on 2 rows (the vocabulary split across programs) and
+# 600 rows (more than 4 programs per SM of an H200's 132: a program per row); interpreted,
+# 3 and 6 rows (the interpreter counts as 4 programs).
+MIX_SHAPES = [(2, 151_936), (600, 8_229)] if CUDA else [(3, 3000), (6, 3000)]
 
 
 def _weights(n: int, dtype, seed: int, device: str) -> torch.Tensor:
@@ -57,12 +58,12 @@ def test_select_at_gpu_sizes_every_mode(device, dtype, precision):
         assert_bits_equal(work, want, "in place")
 
 
-@pytest.mark.parametrize("rows", MIX_ROWS)
+@pytest.mark.parametrize("rows, V", MIX_SHAPES, ids=[f"{r}x{v}" for r, v in MIX_SHAPES])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_mix_logits_both_layouts_forward_backward(device, rows, dtype):
-    l1, l2 = hard_pair(rows=rows, V=MIX_V, dtype=dtype)
+def test_mix_logits_both_layouts_forward_backward(device, rows, V, dtype):
+    l1, l2 = hard_pair(rows=rows, V=V, dtype=dtype)
     alpha = torch.linspace(0.05, 0.95, rows).double()  # float32 values, as the kernel sees
-    g = logits((rows, MIX_V), seed=3)
+    g = logits((rows, V), seed=3)
     ins = [t.to(device).requires_grad_() for t in (l1, l2, alpha.float())]
     out = modkern.mix_logits(*ins, backend="triton")
     refs = [t.detach().double().requires_grad_() for t in (l1, l2, alpha)]
