@@ -81,48 +81,38 @@ def _peer(benchmark, case: str, impl: str, warm_up):
     return {"eager": eager_formula, "logaddexp": logaddexp_form}[impl]
 
 
-@pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("impl", PEERS)
-def bench_gpu_mix_forward(benchmark, impl, dtype):
-    case, b = f"mix-fwd-{dtype}", DTYPES[dtype].itemsize
-    floor = ROWS * V * (2 * b + 4)
-    benchmark.group = f"{case}: mix_logits forward [{ROWS}, {V}] {dtype}"
-    info = {"rows": ROWS, "V": V, "dtype": dtype}
-    if impl == "copy":
-        measure_copy(benchmark, case=case, floor_bytes=floor, **info)
-        return
-    need_seconds(benchmark, case, impl, 5)
-    _free()  # the previous row's tensors
-    l1, l2 = _inputs(ROWS, DTYPES[dtype])
-    fn = _peer(benchmark, case, impl, lambda f: f(l1, l2, ALPHA))
-    if impl == "modkern":
-        _check_forward(benchmark, case, l1, l2, ALPHA)
-    measure(benchmark, lambda: fn(l1, l2, ALPHA), case=case, impl=impl, floor_bytes=floor,
-            **info)
+STEPS = {"fwd": ("forward", 2, 4), "train": ("forward + backward", 6, 8)}  # floor R*V*(xb+y)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("step", list(STEPS))
 @pytest.mark.parametrize("impl", PEERS)
-def bench_gpu_mix_train(benchmark, impl, dtype):
-    case, b = f"mix-train-{dtype}", DTYPES[dtype].itemsize
-    floor = ROWS * V * (6 * b + 8)
-    benchmark.group = f"{case}: mix_logits forward + backward [{ROWS}, {V}] {dtype}"
+def bench_gpu_mix(benchmark, impl, step, dtype):
+    label, per_b, fixed = STEPS[step]
+    case, b = f"mix-{step}-{dtype}", DTYPES[dtype].itemsize
+    floor = ROWS * V * (per_b * b + fixed)
+    benchmark.group = f"{case}: mix_logits {label} [{ROWS}, {V}] {dtype}"
     info = {"rows": ROWS, "V": V, "dtype": dtype}
     if impl == "copy":
         measure_copy(benchmark, case=case, floor_bytes=floor, **info)
         return
     need_seconds(benchmark, case, impl, 8)
-    _free()
-    l1, l2 = _inputs(ROWS, DTYPES[dtype], grad=True)
-    grad_out = torch.randn(ROWS, V, device=DEVICE)
+    _free()  # the previous row's tensors
+    train = step == "train"
+    l1, l2 = _inputs(ROWS, DTYPES[dtype], grad=train)
+    grad_out = torch.randn(ROWS, V, device=DEVICE) if train else None
 
-    def step(f):
+    def run(f):
+        if not train:
+            return f(l1, l2, ALPHA)
         l1.grad = l2.grad = None
         out = f(l1, l2, ALPHA)
         out.backward(grad_out.to(out.dtype))
 
-    fn = _peer(benchmark, case, impl, step)
-    measure(benchmark, lambda: step(fn), case=case, impl=impl, floor_bytes=floor, **info)
+    fn = _peer(benchmark, case, impl, run)
+    if impl == "modkern":
+        _check_forward(benchmark, case, l1, l2, ALPHA)
+    measure(benchmark, lambda: run(fn), case=case, impl=impl, floor_bytes=floor, **info)
 
 
 def _replayable(fn):
