@@ -6,6 +6,9 @@ device-parametrised tests.
   precision, out of place, into out= and in place, bit for bit against the torch backend;
 - mix_logits forward and backward with per-row alpha on both kernel layouts (few rows: the
   vocabulary split across programs; more rows than multiprocessors: a program per row);
+- merge_state_dicts on the device (both precisions, in place with tied weights, MergeStats)
+  against the CPU torch backend: the device counterpart of the CPU-tensor tests of
+  test_merge_state_dicts.py that gpu_check.py leaves out of the CUDA pass for Triton;
 - a checkpoint merge with device=DEVICE, in process and through `modkern merge --device`;
 - mixture decoding with both tiny models on the device.
 """
@@ -19,6 +22,7 @@ from mix_cases import ATOL_OUT_BIG_V, assert_close_grad, assert_close_out, hard_
 from oracle_select import FLOAT_DTYPES, SHORT_NAME, assert_bits_equal
 
 import modkern
+from modkern import MergeStats
 from modkern.ops.mix_reference import mix_logits_reference
 
 pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
@@ -36,8 +40,9 @@ MIX_SHAPES = [(2, 151_936), (600, 8_229)] if CUDA else [(3, 3000), (6, 3000)]
 def _weights(n: int, dtype, seed: int, device: str) -> torch.Tensor:
     """N(0, 0.02) weights with ties at the min and the max."""
     t = logits((n,), torch.float64, scale=0.02, seed=seed)
-    t[[0, n // 2]] = t.min() - 0.01
-    t[[1, n - 1]] = t.max() + 0.01
+    if n >= 4:
+        t[[0, n // 2]] = t.min() - 0.01
+        t[[1, n - 1]] = t.max() + 0.01
     return t.to(dtype).to(device)
 
 
@@ -74,6 +79,48 @@ def test_mix_logits_both_layouts_forward_backward(device, rows, V, dtype):
     want.backward(g.double().where(fin, 0.0))
     for got, ref, dt in zip(ins, refs, (dtype, dtype, torch.float32)):
         assert_close_grad(got.grad.cpu(), ref.grad, dt)
+
+
+def _state_dict(seed: int, device: str) -> dict[str, torch.Tensor]:
+    """Small and multi-block tensors of three float dtypes, an integer buffer, and an
+    lm_head tied to the embedding (one object) and a norm tied by a view of its storage."""
+    sd = {f"layers.{i}.w": _weights(n, dt, seed + i, device)
+          for i, (n, dt) in enumerate([(7, torch.bfloat16), (4097, torch.bfloat16),
+                                       (3 * 4096 + 5, torch.bfloat16), (300, torch.float16),
+                                       (5000, torch.float32), (1, torch.float32)])}
+    sd["embed.weight"] = _weights(64 * 33, torch.bfloat16, seed + 10, device).view(64, 33)
+    sd["lm_head.weight"] = sd["embed.weight"]
+    sd["norm.weight"] = _weights(65, torch.float32, seed + 11, device)
+    sd["final_norm.weight"] = sd["norm.weight"][:]
+    sd["steps"] = torch.arange(5, device=device)
+    return sd
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("precision", ["exact", "reference"])
+def test_merge_state_dicts_on_device(device, precision, inplace):
+    sd1, sd2 = _state_dict(0, device), _state_dict(20, device)
+    alpha = {"layers.1.": 0.3, "embed": 0.5, "lm_head": 0.5, "*": 0.9}  # tied: one alpha
+    cpu = {k: v.cpu() for k, v in sd1.items()}
+    cpu["lm_head.weight"], cpu["final_norm.weight"] = cpu["embed.weight"], cpu["norm.weight"][:]
+    want_stats, stats = MergeStats(), MergeStats()
+    want = modkern.merge_state_dicts(cpu, {k: v.cpu() for k, v in sd2.items()}, alpha,
+                                     backend="torch", precision=precision, stats=want_stats)
+    got = modkern.merge_state_dicts(sd1, sd2, alpha, inplace=inplace, backend="triton",
+                                    precision=precision, stats=stats)
+    assert list(got) == list(want)
+    for k in want:
+        assert got[k].device.type == torch.device(device).type, k
+        assert_bits_equal(got[k], want[k], k)
+    taken = stats.taken_by_key
+    assert taken and taken == {k: n for k, n in want_stats.taken_by_key.items() if k in taken}
+    if not inplace:
+        assert (stats.tensors_merged, stats.elements_taken) == \
+            (want_stats.tensors_merged, want_stats.elements_taken)
+    else:  # a tied pair is merged (and counted) once
+        assert stats.tensors_merged == want_stats.tensors_merged - 2
+        assert got is sd1 and got["lm_head.weight"] is got["embed.weight"]
+        assert got["final_norm.weight"].data_ptr() == got["norm.weight"].data_ptr()
 
 
 @pytest.mark.parametrize("alpha, precision", [(0.9, "exact"), (0.3, "reference")])
