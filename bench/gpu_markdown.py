@@ -96,8 +96,10 @@ def markdown(results: dict) -> str:
     lines += _stages(results["stages"]) + ["", "## Tests (the CUDA pass)", ""]
     lines += _tests(results["tests"]) + ["", "## Targets (issue 14)", ""]
     lines += _targets(results["targets"]) + ["", "## Figures", "",
-                                             "Median of CUDA-event timings per row; share "
-                                             "of copy = GB/s on the floor over a device copy "
-                                             "of the same bytes, measured in the same run."]
+                                             "Median of CUDA-event timings per row (the "
+                                             "checkpoint rows: one cold run each, host "
+                                             "clock); share of copy = GB/s on the floor over "
+                                             "a device copy of the same bytes, measured in "
+                                             "the same run."]
     lines += _groups(results["rows"])
     return "\n".join(lines) + "\n"
