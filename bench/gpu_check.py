@@ -171,8 +171,15 @@ class Run:
         elif limit < least:
             outcome["error"] = f"skipped: {max(left, 0):.0f} s of the budget left, needs {least} s"
         else:
-            outcome.update(run_command(cmd, limit, self.env(time.time() + limit - 8), self.log,
-                                       name))
+            started = time.time()
+            try:
+                outcome.update(run_command(cmd, limit, self.env(started + limit - 8),
+                                           self.log, name))
+            except BaseException:  # SIGTERM or Ctrl-C: record the stage, then stop
+                self.stages.append({**outcome, "status": "killed",
+                                    "seconds": time.time() - started,
+                                    "error": "the check itself was stopped during this stage"})
+                raise
         self.stages.append(outcome)
         print(f"[gpu_check] {name}: {outcome['status']} ({outcome['seconds']:.0f} s)"
               + (f" - {outcome['error']}" if outcome.get("error") else ""), flush=True)
@@ -284,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps(environment(), indent=1))
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
+    # killed from outside (e.g. `timeout`): end the stage in flight, still write the report
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with tempfile.TemporaryDirectory(prefix="modkern-gpu-check-") as tmp:
         run = Run(args, Path(tmp))
         try:
