@@ -43,6 +43,7 @@ from .. import errors
 from . import publish
 from .merge import (MergeJob, _prefetched, _progress_bar, checked_minmax, open_merge,
                     patch_from_other)
+from .options import parse_device
 from .report import MergeReport
 from ..errors import CheckpointError, ModkernError
 from ..ops.select_reference import select_threshold
@@ -228,7 +229,7 @@ def merge_checkpoints_distributed(base, other, out, alpha, *, split_above: int |
     """
     start = time.perf_counter()
     device = options.pop("device", "cpu")
-    if torch.device(device).type == "cuda" and torch.device(device).index is None \
+    if parse_device(device).type == "cuda" and parse_device(device).index is None \
             and torch.cuda.is_available():
         # this rank's GPU (ranks share GPUs round-robin when there are more ranks)
         local = int(os.environ.get("LOCAL_RANK") or 0)

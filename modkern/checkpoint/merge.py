@@ -37,8 +37,8 @@ from ..ops.select_reference import select_threshold
 from ..ops.select_torch import selected_indices
 from . import publish, recipe as recipe_io
 from .folder import Checkpoint, check_configs
-from .options import parse_dtype
-from .out_folder import COPIED, check_out_path, check_space, copy_base_files
+from .options import parse_device, parse_dtype
+from .out_folder import COPIED, check_out_path, check_space, copy_base_files, out_path
 from .report import MergeReport
 from .shard_writer import (BackgroundWriter, PlannedTensor, ShardWriter, parse_size,
                            plan_shards)
@@ -281,14 +281,14 @@ def open_merge(base: str | os.PathLike, other: str | os.PathLike, out: str | os.
         alpha = check_alpha_rule(alpha)  # a plain number: before anything is opened
     out_dtype = parse_dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
-    dev = torch.device(device)
+    dev = parse_device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BackendError(f"device {device!r}: no CUDA device is available here; use "
                            "--device cpu")
     if dev.type not in ("cpu", "cuda"):
         raise BackendError(f"device {device!r}: expected 'cpu' or 'cuda'")
     base_p, other_p = Path(base).absolute(), Path(other).absolute()
-    out_p = Path(out).absolute()
+    out_p = out_path(out)
     publish.remove_stale(out_p)  # first: it may restore the OUT a killed swap left aside
     check_out_path(base_p.resolve(), other_p.resolve(), out_p.resolve(), force)
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 
-from ..errors import DTypeError
+from ..errors import BackendError, DTypeError
 
 DTYPE_ALIASES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                  "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -20,3 +22,24 @@ def parse_dtype(dtype) -> torch.dtype | None:
         return DTYPE_ALIASES[dtype.lower().removeprefix("torch.")]
     raise DTypeError(f"dtype {dtype!r}: expected a floating-point dtype such as bfloat16, "
                      "float16 or float32")
+
+
+def parse_device(device) -> torch.device:
+    """'cpu', 'cuda' or 'cuda:N' (or a torch.device of those) -> torch.device; BackendError
+    naming the value and what is expected otherwise (also for a GPU index this machine
+    does not have)."""
+    if isinstance(device, torch.device):
+        dev = device
+    elif isinstance(device, str) and re.fullmatch(r"(cpu|cuda)(:\d{1,4})?", device):
+        dev = torch.device(device)
+    else:
+        raise BackendError(f"device {device!r}: expected 'cpu', 'cuda' or 'cuda:N' (N a GPU "
+                           "index such as 0)")
+    if dev.type not in ("cpu", "cuda"):
+        raise BackendError(f"device {device!r}: expected 'cpu' or 'cuda'")
+    if dev.type == "cuda" and dev.index is not None and torch.cuda.is_available() and \
+            dev.index >= torch.cuda.device_count():
+        raise BackendError(f"device {device!r}: this machine has {torch.cuda.device_count()} "
+                           f"GPU(s), numbered from 0; expected cuda:0 to "
+                           f"cuda:{torch.cuda.device_count() - 1}")
+    return dev

@@ -125,6 +125,9 @@ def _merge_function(args: argparse.Namespace):
     if args.split_above is not None:
         options["split_above"] = parse_size(args.split_above)
     if args.dist_timeout is not None:
+        if not 0 < args.dist_timeout < 10**8:  # also NaN, which timedelta refuses
+            raise CheckpointError(f"--dist-timeout {args.dist_timeout}: expected a number of "
+                                  "seconds > 0")
         options["timeout_s"] = args.dist_timeout
     return merge_checkpoints_distributed, int(os.environ["RANK"]), options
 
@@ -151,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from ..checkpoint.paper_config import load_paper_config
+    from . import one_line
     from ..checkpoint.recipe import load_rules
 
     rules = load_rules(args.recipe) if args.recipe else {}
@@ -186,5 +190,5 @@ def _run(args: argparse.Namespace) -> int:
         progress=False if args.quiet else None, full_hash=args.full_hash,
         extra_recipe=extra)
     if not args.quiet and rank == 0:
-        print(f"modkern merge: {report.summary()}", file=sys.stdout)
+        print(f"modkern merge: {one_line(report.summary())}", file=sys.stdout)
     return 0
