@@ -15,6 +15,7 @@ duplicated keys refused (a reader would silently keep the last).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -91,6 +92,9 @@ def check_input_file(folder: Path, name: str, label: str) -> tuple[Path, os.stat
                                   "expected a regular file") from None
         raise CheckpointError(f"{where}: cannot access (symlink to {_target(path)}): "
                               f"{err.strerror}; expected a regular file") from None
+    if stat.S_ISLNK(st.st_mode):  # realpath stops where links loop (or nest too deep)
+        raise CheckpointError(f"{where}: is a symlink loop (to {_target(path)}); expected a "
+                              "regular file")
     if not _allowed(real, folder_real):
         raise CheckpointError(f"{where}: resolves to {real}, outside the folder; expected a "
                               f"regular file inside {folder_real} (or in the Hugging Face "
@@ -108,6 +112,10 @@ def open_checked(real: Path, st: os.stat_result, where: str) -> int:
     try:
         fd = os.open(real, _OPEN_FLAGS)
     except OSError as err:
+        if err.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink where a file was checked
+            raise CheckpointError(f"{where}: changed while it was being opened (now a "
+                                  "symlink); expected the regular file checked a moment "
+                                  "before") from None
         raise CheckpointError(f"{where}: cannot open: {err.strerror}; expected a readable "
                               "regular file") from None
     try:

@@ -76,7 +76,7 @@ def _load(path: Path, role: str, device, dtype: str):
         model = AutoModelForCausalLM.from_pretrained(
             path, local_files_only=True,
             dtype="auto" if dtype == "auto" else getattr(torch, dtype))
-    except (OSError, ValueError) as err:  # transformers' words for a folder it cannot load
+    except Exception as err:  # noqa: BLE001 - see _tokenizer
         raise CheckpointError(f"{role} {path}: transformers cannot load it: "
                               f"{type(err).__name__}: {_first_line(err)}") from None
     return model.to(device).eval()
@@ -92,7 +92,10 @@ def _tokenizer(path: Path):
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001
+        # transformers reports a folder it cannot load in many types (OSError, ValueError,
+        # KeyError on a malformed tokenizer.json, the tokenizers library's own Exception):
+        # at this boundary they all mean the folder; the type is kept in the message.
         raise CheckpointError(f"--model {path}: transformers cannot load its tokenizer: "
                               f"{type(err).__name__}: {_first_line(err)}") from None
     if tokenizer.pad_token is None and tokenizer.eos_token is None:
@@ -104,12 +107,15 @@ def _tokenizer(path: Path):
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from transformers.utils import logging as transformers_logging
+
     from ..checkpoint.options import parse_device
     from ..checks import check_alpha  # imports torch: not at --help time
     from ..decoding.generation import generate
     from ..errors import BackendError
     from . import printable
 
+    transformers_logging.set_verbosity_error()  # its warnings are not this command's output
     alpha = check_alpha(args.alpha, "--alpha")
     device = parse_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
