@@ -424,3 +424,12 @@ def _(env: Env):
                                expect=("BASE", "config.json", "not valid JSON"))
     (base / "config.json").write_bytes(b"\x00\x01binary")
     return c
+
+
+@case("content", "index-naming-30000-missing-shards")
+def _(env: Env):
+    """Checked in one pass (a scan per shard would take minutes)."""
+    c, _, other, _ = merge_case(env, expect=("OTHER", "s00000.safetensors", "missing"))
+    set_index(other, json.dumps({"weight_map": {f"t{i}": f"s{i:05d}.safetensors"
+                                                for i in range(30_000)}}))
+    return c

@@ -261,3 +261,49 @@ def _(env: Env):
     c.argv += ["--recipe", str(recipe)]
     return c
 
+
+
+# ---- neighbours ----------------------------------------------------------------------------
+
+
+@case("out", "name-longer-than-the-filesystem-allows")
+def _(env: Env):
+    c, _, _, _ = merge_case(env, expect=("OUT", "has 300 bytes", "expected at most 255"))
+    c.out = env.tmp / ("n" * 300)
+    c.argv[3] = str(c.out)
+    return c
+
+
+@case("out", "parent-is-a-fifo")
+def _(env: Env):
+    c, _, _, _ = merge_case(env, expect=("OUT", "is a FIFO", "expected a folder"))
+    os.mkfifo(env.tmp / "pipe")
+    c.argv[3] = str(env.tmp / "pipe" / "out")
+    return c
+
+
+@case("out", "base-given-through-a-link-into-out-with-force")
+def _(env: Env):
+    c, base, _, out = merge_case(env, "--force", expect=("OUT", "contains BASE"))
+    out.mkdir()
+    os.replace(base, out / "base")
+    os.symlink(out / "base", base)
+    c.inputs = (base, out)
+    return c
+
+
+@case("out", "existing-out-not-writable-with-force", "unprivileged")
+def _(env: Env):
+    c, _, _, out = merge_case(env, "--force", expect=("OUT", "is not writable",
+                                                      "cannot be replaced"))
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    os.chmod(out, 0o555)
+    return c
+
+
+@case("messages", "base-path-too-long")
+def _(env: Env):
+    c, _, _, _ = merge_case(env, expect=("BASE", "File name too long"))
+    c.argv[1] = str(env.tmp / ("b" * 300))
+    return c

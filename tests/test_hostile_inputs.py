@@ -8,6 +8,7 @@ holding the case's fragments (the file or key, and what was expected); no traceb
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import re
@@ -30,7 +31,10 @@ def snapshot(path: Path):
     """Everything about a path that a command must not change (symlinks not followed)."""
     try:
         st = os.lstat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as err:  # a name too long to exist
+        assert err.errno == errno.ENAMETOOLONG, err
         return None
     if stat.S_ISLNK(st.st_mode):
         return ("link", os.readlink(path))

@@ -137,3 +137,13 @@ def test_writer_abort_never_raises(tmp_path):
     background.writer._file, background.writer._shard = _BrokenFile(), 0
     background.write("w", torch.zeros(4))
     background.abort()  # the failed write and the failed close are both swallowed
+
+
+def test_out_with_a_name_near_the_limit_merges(tmp_path):
+    """The temporary folder keeps only the start of OUT's name, so an OUT whose name is
+    close to the filesystem's 255 bytes still gets its temporary folder beside it."""
+    base, other = toy(tmp_path / "base", 0), toy(tmp_path / "other", 1)
+    out = tmp_path / ("o" * 250)
+    merge_checkpoints(base, other, out, 0.9, progress=False)
+    assert (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["base", "other", out.name])

@@ -44,6 +44,7 @@ from . import publish
 from .merge import (MergeJob, _prefetched, _progress_bar, checked_minmax, open_merge,
                     patch_from_other)
 from .options import parse_device
+from .out_folder import make_parent
 from .report import MergeReport
 from ..errors import CheckpointError, ModkernError
 from ..ops.select_reference import select_threshold
@@ -259,7 +260,7 @@ def _run(group: _Group, base, other, out, alpha, device, split_above, progress, 
         tmp: Path | None = None
         try:
             if rank == 0:
-                job.out.parent.mkdir(parents=True, exist_ok=True)
+                make_parent(job.out)
                 tmp = publish.temp_folder(job.out)
                 preallocate(tmp, job.shards)
         except BaseException as e:  # noqa: BLE001

@@ -83,8 +83,11 @@ def _shards(folder: Path, weight_map: dict[str, str], label: str) -> list[Path]:
     """The shard files an index names, each checked under the input-file rule."""
     index = folder / INDEX
     seen: dict[Path, str] = {}
-    for name in sorted(set(weight_map.values())):
-        tensor = next(k for k, v in weight_map.items() if v == name)
+    first_tensor: dict[str, str] = {}
+    for tensor, name in weight_map.items():
+        first_tensor.setdefault(name, tensor)
+    for name in sorted(first_tensor):
+        tensor = first_tensor[name]
         if Path(name).name != name or name in ("", ".", "..") or "\0" in name:
             raise CheckpointError(f"{label} {index}: shard {name!r} (for tensor {tensor!r}) "
                                   "is not a file name in the checkpoint folder; expected "

@@ -38,7 +38,8 @@ from ..ops.select_torch import selected_indices
 from . import publish, recipe as recipe_io
 from .folder import Checkpoint, check_configs
 from .options import parse_device, parse_dtype
-from .out_folder import COPIED, check_out_path, check_space, copy_base_files, out_path
+from .out_folder import (COPIED, check_out_path, check_space, copy_base_files, make_parent,
+                         out_path, write_file)
 from .report import MergeReport
 from .shard_writer import (BackgroundWriter, PlannedTensor, ShardWriter, parse_size,
                            plan_shards)
@@ -169,7 +170,7 @@ def merge_checkpoints(base: str | os.PathLike, other: str | os.PathLike,
                     max_shard_size=max_shard_size, force=force, full_hash=full_hash,
                     extra_recipe=extra_recipe) as job:
         report = job.new_report()
-        job.out.parent.mkdir(parents=True, exist_ok=True)
+        make_parent(job.out)
         tmp = publish.temp_folder(job.out)
         writer = BackgroundWriter(ShardWriter(tmp, job.shards))
         bar = _progress_bar(progress, sum(s.nbytes for s in job.shards), len(job.planned))
@@ -262,8 +263,8 @@ class MergeJob:
                          self.precision, self.out_dtype, self.shard_bytes, self.full_hash,
                          report, self.ck1.names(), self.plan, self.extra_recipe)
         recipe_io.write_recipe(tmp, record)
-        (tmp / "README.md").write_text(recipe_io.model_card(self.base, self.other, record),
-                                       encoding="utf-8")
+        write_file(tmp / "README.md",
+                   [recipe_io.model_card(self.base, self.other, record).encode("utf-8")])
 
 
 @contextmanager

@@ -54,6 +54,7 @@ def check_out_path(base: Path, other: Path, out: Path, force: bool) -> None:
                                   "folder outside both inputs")
         _check_links_into(src, label, out)
     check_parent(out)
+    _check_name_length(out)
     if out.exists() or out.is_symlink():
         if not force:
             raise CheckpointError(f"OUT {out}: already exists; expected a new folder (pass "
@@ -64,6 +65,9 @@ def check_out_path(base: Path, other: Path, out: Path, force: bool) -> None:
         if os.path.ismount(out):
             raise CheckpointError(f"OUT {out}: is a mount point; expected a folder that can be "
                                   "replaced (give a folder inside it)")
+        if not os.access(out, os.W_OK | os.X_OK):  # renaming a folder updates its `..`
+            raise CheckpointError(f"OUT {out}: is not writable, so it cannot be replaced; "
+                                  "expected a folder this process may write")
 
 
 def _check_links_into(src: Path, label: str, out: Path) -> None:
@@ -78,6 +82,26 @@ def _check_links_into(src: Path, label: str, out: Path) -> None:
         if real == out or out in real.parents:
             raise CheckpointError(f"OUT {out}: {label} file {entry.path} links into it (to "
                                   f"{real}); expected a folder that holds no input's files")
+
+
+def _check_name_length(out: Path) -> None:
+    """A name or path the filesystem refuses would fail only at publication."""
+    probe = out.parent
+    while not os.path.lexists(probe):
+        probe = probe.parent
+    try:
+        name_max, path_max = os.pathconf(probe, "PC_NAME_MAX"), os.pathconf(probe, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    longest = max(out.parts, key=lambda p: len(os.fsencode(p)))
+    if len(os.fsencode(longest)) > name_max:
+        raise CheckpointError(f"OUT {out}: the name {longest[:40]!r}... has "
+                              f"{len(os.fsencode(longest))} bytes; expected at most {name_max} "
+                              "(the filesystem's limit)")
+    if len(os.fsencode(str(out))) + 40 > path_max:  # room for the temporary folder's name
+        raise CheckpointError(f"OUT {str(out)[:40]!r}...: the path has "
+                              f"{len(os.fsencode(str(out)))} bytes; expected a shorter path "
+                              f"(the filesystem's limit is {path_max})")
 
 
 def check_parent(out: Path, label: str = "OUT") -> None:
@@ -100,6 +124,16 @@ def check_parent(out: Path, label: str = "OUT") -> None:
         why = "is on a read-only filesystem" if read_only else "is not writable"
         raise CheckpointError(f"{label} {out}: {probe} {why}; expected a writable folder to "
                               f"create {label} in")
+
+
+def make_parent(out: Path) -> None:
+    """Create OUT's parent folders (checked by check_out_path); a failure (a full inode
+    table, a race) is a CheckpointError naming OUT."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise output_error(Path(err.filename or out.parent), err, "create the folder") \
+            from None
 
 
 def check_space(out: Path, needed: int) -> None:

@@ -24,6 +24,8 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 
+# How much of OUT's name a temporary folder's name keeps (a file name has at most 255 bytes).
+NAME_KEEP = 100
 _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -39,7 +41,8 @@ _HINTS = {errno.ENOSPC: "the disk, or its inodes, is full",
 def temp_folder(out: Path) -> Path:
     """Create and return a fresh temporary folder beside `out` (same filesystem)."""
     remove_stale(out)
-    tmp = out.parent / f".{out.name}.modkern-tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    name = f".{out.name[:NAME_KEEP]}.modkern-tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = out.parent / name
     try:
         tmp.mkdir()
     except OSError as err:
@@ -48,7 +51,8 @@ def temp_folder(out: Path) -> Path:
 
 
 def out_of_temp(path: Path) -> Path | None:
-    """The OUT a path inside (or of) a temporary folder belongs to, else None."""
+    """The OUT a path inside (or of) a temporary folder belongs to, else None (its name cut
+    to NAME_KEEP characters, as the temporary folder keeps it)."""
     for p in (path, *path.parents):
         m = _TEMP.fullmatch(p.name)
         if m:
@@ -74,7 +78,8 @@ def output_error(path: Path, err: OSError, doing: str) -> CheckpointError:
 def remove_stale(out: Path) -> None:
     """Remove temporary folders left beside `out` by merges that were killed (best effort:
     what cannot be removed now is tried again by the next merge)."""
-    pattern = re.compile(re.escape(f".{out.name}.modkern-tmp-") + r"(\d+)-[0-9a-f]+(-old)?")
+    pattern = re.compile(re.escape(f".{out.name[:NAME_KEEP]}.modkern-tmp-") +
+                         r"(\d+)-[0-9a-f]+(-old)?")
     try:
         if not out.parent.is_dir():
             return
