@@ -50,6 +50,12 @@ def case(kind: str, name: str, how: str = "here"):
     return register
 
 
+def table(kind: str, build: Callable[..., Case], rows, how: str = "here") -> None:
+    """Register one case per row `(name, *args)`, each built by `build(env, *args)`."""
+    for name, *args in rows:
+        case(kind, name, how)(lambda env, args=tuple(args): build(env, *args))
+
+
 # ---- building inputs ----------------------------------------------------------------------
 
 def toy_tensors(seed: int, rows: int = 8) -> dict[str, torch.Tensor]:

@@ -7,86 +7,10 @@ from __future__ import annotations
 import json
 import os
 
-from hostile_cases import (Env, case, first_shard, merge_case, mknod_char, outside_file,
-                           raw_safetensors, replace_header, set_index)
+from hostile_cases import (Case, Env, case, first_shard, merge_case, mknod_char, outside_file,
+                           raw_safetensors, replace_header, set_index, table)
 
 # ---- 1. side files and weight files that point elsewhere ----------------------------------
-
-
-@case("security", "tokenizer-symlink-to-proc-environ")
-def _(env: Env):
-    c, base, _, _ = merge_case(env, expect=("BASE", "tokenizer.json", "environ",
-                                            "outside the folder", "expected a regular file"))
-    (base / "tokenizer.json").unlink()
-    os.symlink("/proc/self/environ", base / "tokenizer.json")
-    return c
-
-
-@case("security", "config-symlink-to-outside-file")
-def _(env: Env):
-    c, base, _, _ = merge_case(env, expect=("BASE", "config.json", "secret.txt", "outside"))
-    secret = outside_file(env)
-    (base / "config.json").unlink()
-    os.symlink(secret, base / "config.json")
-    return c
-
-
-@case("security", "tokenizer-model-relative-symlink-out")
-def _(env: Env):
-    c, base, _, _ = merge_case(env, expect=("BASE", "tokenizer.model", "secret.txt"))
-    outside_file(env)
-    os.symlink("../secret.txt", base / "tokenizer.model")
-    return c
-
-
-@case("security", "other-side-file-symlink-out")
-def _(env: Env):
-    c, _, other, _ = merge_case(env, expect=("OTHER", "special_tokens_map.json", "outside"))
-    os.symlink(outside_file(env), other / "special_tokens_map.json")
-    return c
-
-
-@case("security", "side-file-symlink-to-dev-zero")
-def _(env: Env):
-    c, base, _, _ = merge_case(env, expect=("BASE", "vocab.txt", "/dev/zero", "outside"))
-    os.symlink("/dev/zero", base / "vocab.txt")
-    return c
-
-
-@case("security", "side-file-fifo")
-def _(env: Env):
-    c, base, _, _ = merge_case(env, expect=("BASE", "merges.txt", "FIFO", "expected a regular"))
-    os.mkfifo(base / "merges.txt")
-    return c
-
-
-@case("security", "side-file-directory")
-def _(env: Env):
-    c, base, _, _ = merge_case(env, expect=("BASE", "tokenizer_config.json", "a directory"))
-    (base / "tokenizer_config.json").mkdir()
-    return c
-
-
-@case("security", "side-file-char-device")
-def _(env: Env):
-    c, base, _, _ = merge_case(env, expect=("BASE", "added_tokens.json", "character device"))
-    mknod_char(base / "added_tokens.json")
-    return c
-
-
-@case("security", "side-file-dangling-symlink")
-def _(env: Env):
-    c, base, _, _ = merge_case(env, expect=("BASE", "generation_config.json", "dangling"))
-    (base / "generation_config.json").unlink()
-    os.symlink("gone.json", base / "generation_config.json")
-    return c
-
-
-@case("security", "side-file-symlink-loop")
-def _(env: Env):
-    c, base, _, _ = merge_case(env, expect=("BASE", "vocab.json", "symlink loop"))
-    os.symlink("vocab.json", base / "vocab.json")
-    return c
 
 
 @case("security", "side-file-symlink-to-fifo-inside")
@@ -99,95 +23,82 @@ def _(env: Env):
     return c
 
 
-@case("security", "weights-symlink-out-of-base")
-def _(env: Env):
-    c, base, _, _ = merge_case(env, expect=("BASE", "model.safetensors", "stolen.safetensors",
-                                            "outside"))
-    os.replace(base / "model.safetensors", env.tmp / "stolen.safetensors")
-    os.symlink(env.tmp / "stolen.safetensors", base / "model.safetensors")
+def _link_out(env: Env, model: str, file: str, target: str, expect: tuple[str, ...]) -> Case:
+    """BASE's or OTHER's `file` made a symlink to `target`: a path, "secret" (a file
+    outside the folder; "../secret.txt" links to it relatively) or "moved" (the real file,
+    moved out of the folder)."""
+    c, base, other, _ = merge_case(env, expect=(model.upper(), *expect, "outside the folder"))
+    folder = base if model == "base" else other
+    shards, which = sorted(folder.glob("model-*.safetensors")), ("first shard", "second shard")
+    path = shards[which.index(file)] if file in which else folder / file
+    if target == "moved":
+        target = str(env.tmp / f"moved-{path.name}")
+        os.replace(path, target)
+    elif target in ("secret", "../secret.txt"):
+        secret = outside_file(env)
+        target = str(secret) if target == "secret" else target
+    path.unlink(missing_ok=True)
+    os.symlink(target, path)
     return c
 
 
-@case("security", "shard-symlink-out-of-other")
-def _(env: Env):
-    c, _, other, _ = merge_case(env, expect=("OTHER", "model-00001-of-00002", "outside"))
-    shard = first_shard(other)
-    os.replace(shard, env.tmp / "elsewhere.safetensors")
-    os.symlink(env.tmp / "elsewhere.safetensors", shard)
-    return c
-
-
-@case("security", "index-symlink-out-of-other")
-def _(env: Env):
-    c, _, other, _ = merge_case(env, expect=("OTHER", "model.safetensors.index.json",
-                                             "outside"))
-    index = other / "model.safetensors.index.json"
-    os.replace(index, env.tmp / "index.json")
-    os.symlink(env.tmp / "index.json", index)
-    return c
-
-
-@case("security", "shard-symlink-to-dev-zero")
-def _(env: Env):
-    c, _, other, _ = merge_case(env, expect=("OTHER", "model-00002-of-00002", "/dev/zero"))
-    shard = sorted(other.glob("model-*.safetensors"))[1]
-    shard.unlink()
-    os.symlink("/dev/zero", shard)
-    return c
+table("security", _link_out, [
+    ("tokenizer-symlink-to-proc-environ", "base", "tokenizer.json", "/proc/self/environ",
+     ("tokenizer.json", "environ", "expected a regular file")),
+    ("config-symlink-to-outside-file", "base", "config.json", "secret", ("secret.txt",)),
+    ("tokenizer-model-relative-symlink-out", "base", "tokenizer.model", "../secret.txt",
+     ("tokenizer.model", "secret.txt")),
+    ("other-side-file-symlink-out", "other", "special_tokens_map.json", "secret",
+     ("special_tokens_map.json",)),
+    ("side-file-symlink-to-dev-zero", "base", "vocab.txt", "/dev/zero", ("/dev/zero",)),
+    ("weights-symlink-out-of-base", "base", "model.safetensors", "moved",
+     ("model.safetensors", "moved-model.safetensors")),
+    ("shard-symlink-out-of-other", "other", "first shard", "moved", ("model-00001-of-00002",)),
+    ("index-symlink-out-of-other", "other", "model.safetensors.index.json", "moved",
+     ("moved-model.safetensors.index.json",)),
+    ("shard-symlink-to-dev-zero", "other", "second shard", "/dev/zero",
+     ("model-00002-of-00002", "/dev/zero")),
+])
 
 
 # ---- 5. weight files that are not files: say what they are --------------------------------
 
 
-@case("messages", "model-safetensors-fifo")
-def _(env: Env):
-    c, base, _, _ = merge_case(env, expect=("BASE", "model.safetensors", "FIFO",
-                                            "expected a regular file"))
-    (base / "model.safetensors").unlink()
-    os.mkfifo(base / "model.safetensors")
+def _not_a_file(env: Env, model: str, file: str, what: str, expect: tuple[str, ...]) -> Case:
+    """BASE's or OTHER's `file` ("first shard": OTHER's first) replaced by `what`: a fifo,
+    dir, device, dangling link, self-link (loop), or nothing."""
+    c, base, other, _ = merge_case(env, expect=(model.upper(), *expect))
+    folder = base if model == "base" else other
+    path = first_shard(folder) if file == "first shard" else folder / file
+    path.unlink(missing_ok=True)
+    {"fifo": os.mkfifo, "dir": os.mkdir, "device": mknod_char, "missing": lambda p: None,
+     "dangling": lambda p: os.symlink("gone.json", p),
+     "loop": lambda p: os.symlink(p.name, p)}[what](path)
     return c
 
 
-@case("messages", "model-safetensors-directory")
-def _(env: Env):
-    c, base, _, _ = merge_case(env, expect=("BASE", "model.safetensors", "a directory"))
-    (base / "model.safetensors").unlink()
-    (base / "model.safetensors").mkdir()
-    return c
+table("security", _not_a_file, [
+    ("side-file-fifo", "base", "merges.txt", "fifo", ("merges.txt", "FIFO",
+                                                      "expected a regular")),
+    ("side-file-directory", "base", "tokenizer_config.json", "dir", ("a directory",)),
+    ("side-file-char-device", "base", "added_tokens.json", "device", ("character device",)),
+    ("side-file-dangling-symlink", "base", "generation_config.json", "dangling",
+     ("generation_config.json", "dangling")),
+    ("side-file-symlink-loop", "base", "vocab.json", "loop", ("vocab.json", "symlink loop")),
+])
+table("messages", _not_a_file, [
+    ("model-safetensors-fifo", "base", "model.safetensors", "fifo",
+     ("model.safetensors", "FIFO", "expected a regular file")),
+    ("model-safetensors-directory", "base", "model.safetensors", "dir", ("a directory",)),
+    ("model-safetensors-device", "base", "model.safetensors", "device",
+     ("character device",)),
+    ("shard-fifo", "other", "first shard", "fifo", ("model-00001-of-00002", "FIFO")),
+    ("shard-directory", "other", "first shard", "dir", ("model-00001-of-00002",
+                                                        "a directory")),
+    ("shard-missing", "other", "first shard", "missing", ("model-00001-of-00002", "missing",
+                                                          "tensor '")),
+])
 
-
-@case("messages", "model-safetensors-device")
-def _(env: Env):
-    c, base, _, _ = merge_case(env, expect=("BASE", "model.safetensors", "character device"))
-    (base / "model.safetensors").unlink()
-    mknod_char(base / "model.safetensors")
-    return c
-
-
-@case("messages", "shard-fifo")
-def _(env: Env):
-    c, _, other, _ = merge_case(env, expect=("OTHER", "model-00001-of-00002", "FIFO"))
-    shard = first_shard(other)
-    shard.unlink()
-    os.mkfifo(shard)
-    return c
-
-
-@case("messages", "shard-directory")
-def _(env: Env):
-    c, _, other, _ = merge_case(env, expect=("OTHER", "model-00001-of-00002", "a directory"))
-    shard = first_shard(other)
-    shard.unlink()
-    shard.mkdir()
-    return c
-
-
-@case("messages", "shard-missing")
-def _(env: Env):
-    c, _, other, _ = merge_case(env, expect=("OTHER", "model-00001-of-00002", "missing",
-                                             "tensor '"))
-    first_shard(other).unlink()
-    return c
 
 
 @case("messages", "truncated-names-model-file-tensor")
@@ -382,40 +293,21 @@ def _(env: Env):
     return c
 
 
-@case("content", "config-is-a-number")
-def _(env: Env):
-    c, base, _, _ = merge_case(env, expect=("BASE", "config.json", "a JSON int",
-                                            "expected a JSON object"))
-    (base / "config.json").write_text("42")
+def _config(env: Env, model: str, text: str, expect: tuple[str, ...]) -> Case:
+    c, base, other, _ = merge_case(env, expect=(model.upper(), "config.json", *expect))
+    ((base if model == "base" else other) / "config.json").write_text(text)
     return c
 
 
-@case("content", "config-is-a-string")
-def _(env: Env):
-    c, _, other, _ = merge_case(env, expect=("OTHER", "config.json", "a JSON str"))
-    (other / "config.json").write_text('"Qwen2"')
-    return c
-
-
-@case("content", "config-is-a-list")
-def _(env: Env):
-    c, base, _, _ = merge_case(env, expect=("BASE", "config.json", "a JSON list"))
-    (base / "config.json").write_text('[{"model_type": "toy"}]')
-    return c
-
-
-@case("content", "config-nested-deep")
-def _(env: Env):
-    c, base, _, _ = merge_case(env, expect=("BASE", "config.json", "nested too deeply"))
-    (base / "config.json").write_text('{"a": ' + "[" * 200_000 + "]" * 200_000 + "}")
-    return c
-
-
-@case("content", "config-duplicated-key")
-def _(env: Env):
-    c, base, _, _ = merge_case(env, expect=("BASE", "config.json", "'hidden_size' appears"))
-    (base / "config.json").write_text('{"hidden_size": 16, "hidden_size": 32}')
-    return c
+table("content", _config, [
+    ("config-is-a-number", "base", "42", ("a JSON int", "expected a JSON object")),
+    ("config-is-a-string", "other", '"Qwen2"', ("a JSON str",)),
+    ("config-is-a-list", "base", '[{"model_type": "toy"}]', ("a JSON list",)),
+    ("config-nested-deep", "base", '{"a": ' + "[" * 200_000 + "]" * 200_000 + "}",
+     ("nested too deeply",)),
+    ("config-duplicated-key", "base", '{"hidden_size": 16, "hidden_size": 32}',
+     ("'hidden_size' appears",)),
+])
 
 
 @case("content", "config-not-json-with-dtype-cast")

@@ -6,29 +6,20 @@ from __future__ import annotations
 import json
 import os
 
-from hostile_cases import Case, Env, case, merge_case, outside_file, toy
+from hostile_cases import Case, Env, case, merge_case, outside_file, table, toy
 
 # ---- merge options ----------------------------------------------------------------------
 
-
-@case("options", "device-xyz")
-def _(env: Env):
-    return merge_case(env, "--device", "xyz", expect=("device 'xyz'", "expected 'cpu'"))[0]
+def _merge_option(env: Env, options: list[str], expect: tuple[str, ...]) -> Case:
+    return merge_case(env, *options, expect=expect)[0]
 
 
-@case("options", "device-cuda-abc")
-def _(env: Env):
-    return merge_case(env, "--device", "cuda:abc", expect=("device 'cuda:abc'", "cuda:N"))[0]
-
-
-@case("options", "dtype-int8")
-def _(env: Env):
-    return merge_case(env, "--dtype", "int8", expect=("dtype 'int8'", "floating-point"))[0]
-
-
-@case("options", "max-shard-size-words")
-def _(env: Env):
-    return merge_case(env, "--max-shard-size", "lots", expect=("max shard size 'lots'",))[0]
+table("options", _merge_option, [
+    ("device-xyz", ["--device", "xyz"], ("device 'xyz'", "expected 'cpu'")),
+    ("device-cuda-abc", ["--device", "cuda:abc"], ("device 'cuda:abc'", "cuda:N")),
+    ("dtype-int8", ["--dtype", "int8"], ("dtype 'int8'", "floating-point")),
+    ("max-shard-size-words", ["--max-shard-size", "lots"], ("max shard size 'lots'",)),
+])
 
 
 @case("options", "alpha-not-a-number")
@@ -185,24 +176,16 @@ def _(env: Env):
     return _generate(env, expect=("--model", "transformers cannot load"))[0]
 
 
-@case("generate", "max-new-tokens-0")
-def _(env: Env):
-    return _generate(env, "--max-new-tokens", "0", expect=("--max-new-tokens", ">= 1"))[0]
+def _generate_option(env: Env, options: list[str], expect: tuple[str, ...]) -> Case:
+    return _generate(env, *options, expect=expect)[0]
 
 
-@case("generate", "top-p-2")
-def _(env: Env):
-    return _generate(env, "--top-p", "2", expect=("--top-p", "(0, 1]"))[0]
-
-
-@case("generate", "temperature-nan")
-def _(env: Env):
-    return _generate(env, "--temperature", "nan", expect=("--temperature",))[0]
-
-
-@case("generate", "seed-huge")
-def _(env: Env):
-    return _generate(env, "--seed", str(2**70), expect=("--seed",))[0]
+table("generate", _generate_option, [
+    ("max-new-tokens-0", ["--max-new-tokens", "0"], ("--max-new-tokens", ">= 1")),
+    ("top-p-2", ["--top-p", "2"], ("--top-p", "(0, 1]")),
+    ("temperature-nan", ["--temperature", "nan"], ("--temperature",)),
+    ("seed-huge", ["--seed", str(2**70)], ("--seed",)),
+])
 
 
 # ---- modkern demo --------------------------------------------------------------------------

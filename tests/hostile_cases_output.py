@@ -9,7 +9,7 @@ import shutil
 from collections import namedtuple
 
 import modkern.checkpoint.shard_writer as shard_writer
-from hostile_cases import Case, Env, case, first_shard, merge_case, toy
+from hostile_cases import Case, Env, case, first_shard, merge_case, table, toy
 
 # ---- 4. OUT --------------------------------------------------------------------------------
 
@@ -221,35 +221,19 @@ def _(env: Env):
 # ---- files the user may not read ---------------------------------------------------------
 
 
-@case("unreadable", "tokenizer", "unprivileged")
-def _(env: Env):
-    c, base, _, _ = merge_case(env, expect=("BASE", "tokenizer.json", "Permission denied"))
-    os.chmod(base / "tokenizer.json", 0)
+def _unreadable(env: Env, model: str, file: str, expect: tuple[str, ...]) -> Case:
+    c, base, other, _ = merge_case(env, expect=(model.upper(), *expect, "Permission denied"))
+    folder = base if model == "base" else other
+    os.chmod(first_shard(folder) if file == "first shard" else folder / file, 0)
     return c
 
 
-@case("unreadable", "generation-config", "unprivileged")
-def _(env: Env):
-    c, base, _, _ = merge_case(env, expect=("BASE", "generation_config.json",
-                                            "Permission denied"))
-    os.chmod(base / "generation_config.json", 0)
-    return c
-
-
-@case("unreadable", "base-folder", "unprivileged")
-def _(env: Env):
-    c, base, _, _ = merge_case(env, expect=("BASE", "cannot read the folder",
-                                            "Permission denied"))
-    os.chmod(base, 0)
-    return c
-
-
-@case("unreadable", "other-shard", "unprivileged")
-def _(env: Env):
-    c, _, other, _ = merge_case(env, expect=("OTHER", "model-00001-of-00002",
-                                             "Permission denied"))
-    os.chmod(first_shard(other), 0)
-    return c
+table("unreadable", _unreadable, [
+    ("tokenizer", "base", "tokenizer.json", ("tokenizer.json",)),
+    ("generation-config", "base", "generation_config.json", ("generation_config.json",)),
+    ("base-folder", "base", ".", ("cannot read the folder",)),
+    ("other-shard", "other", "first shard", ("model-00001-of-00002",)),
+], "unprivileged")
 
 
 @case("unreadable", "recipe", "unprivileged")
