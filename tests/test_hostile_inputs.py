@@ -173,3 +173,39 @@ def test_catalogue_covers_every_kind():
     assert kinds >= {"security", "content", "messages", "out", "disk", "unreadable",
                      "options", "generate", "demo"}
     assert len(CASES) >= 90
+
+
+@pytest.mark.parametrize("raised, code, line", [
+    (OSError(errno.EIO, "Input/output error", "/x/y"), 2,
+     "modkern merge: error: /x/y: Input/output error (EIO)"),
+    (MemoryError(), 2, "modkern merge: error: out of memory (MemoryError)"),
+    (KeyboardInterrupt(), 130, "modkern merge: interrupted"),
+    (TypeError("a bug\nwith two lines"), 1, "modkern merge: internal error: TypeError: a bug"
+     "\\nwith two lines (a bug in modkern"),
+])
+def test_how_the_command_line_ends(monkeypatch, capsys, raised, code, line):
+    """Bad input and failing systems: one line, exit 2. A bug: its traceback and a line that
+    names its type, exit 1 (never folded into a bare one-line error)."""
+    import modkern.cli.merge as merge_cli
+
+    def fail(args):
+        raise raised
+
+    monkeypatch.setattr(merge_cli, "run", fail)
+    assert run_main(["merge", "a", "b", "c", "--alpha", "0.9"]) == code
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith(line), err
+    assert ("Traceback" in err) == (code == 1)
+    if code != 1:
+        assert len(err.splitlines()) == 1
+
+
+def test_the_api_raises_checkpoint_error_on_a_full_disk(tmp_path, monkeypatch):
+    from modkern.checkpoint.merge import merge_checkpoints
+    from modkern.errors import CheckpointError
+
+    c = CASES["disk/enospc-injected-writer"][1](Env(tmp_path, None, monkeypatch))
+    base, other, out = c.argv[1:4]
+    with pytest.raises(CheckpointError, match="ENOSPC"):
+        merge_checkpoints(base, other, out, 0.9, max_shard_size="100KB", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "other"]
