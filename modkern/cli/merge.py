@@ -147,9 +147,14 @@ def run(args: argparse.Namespace) -> int:
             # rank 0 prints it, once
         raise
     finally:
-        # torchrun sends SIGTERM to the other ranks when one fails: once this rank's merge
-        # has cleaned up, the process's own handling (plain termination for the CLI) holds.
-        signal.signal(signal.SIGTERM, previous)
+        # torchrun sends SIGTERM to the other ranks when one fails. Once this rank's merge
+        # has cleaned up, only its one line is left to print: a rank ignores SIGTERM from
+        # here, or the line could be lost (torchrun kills a rank that does not end soon);
+        # a plain run gets the process's own handling back.
+        from ..checkpoint.distributed import launched_by_torchrun
+
+        ranked = args.distributed or launched_by_torchrun()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN if ranked else previous)
 
 
 def _run(args: argparse.Namespace) -> int:
