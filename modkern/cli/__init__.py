@@ -93,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as err:
         message = describe_os_error(err)
     except MemoryError:
-        message = "out of memory (MemoryError); expected enough free memory for the largest tensor"
+        message = "out of memory (MemoryError); expected enough free memory for the task"
     except KeyboardInterrupt:
         print(f"{command}: interrupted", file=sys.stderr)
         return 130
