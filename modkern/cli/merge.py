@@ -16,6 +16,7 @@ import signal
 import sys
 
 from ..errors import AlphaError, CheckpointError, ModkernError
+from . import one_line
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -159,7 +160,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from ..checkpoint.paper_config import load_paper_config
-    from . import one_line
     from ..checkpoint.recipe import load_rules
 
     rules = load_rules(args.recipe) if args.recipe else {}
