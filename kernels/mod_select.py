@@ -1,4 +1,5 @@
-"""MoD weight select in Triton: the two passes of modkern.ops.select, one kernel each.
+"""MoD weight select in Triton: the two passes of the select pipeline (modkern/ops/
+select_pipeline.py), one kernel each.
 
 1. `_minmax_kernel`: each program takes one block of t1, writes that block's min and max
    (NaN if the block holds a NaN) and, out of place, copies the block to the output.
@@ -13,8 +14,9 @@ Both kernels also run SEGMENTED: many small tensors packed end to end in one buf
 block table giving each program its block's start, end and tensor (segment), so a state
 dict's hundreds of norms and biases cost two launches, not two per tensor.
 
-Offsets are 64-bit: tensors may exceed 2**31 elements. `minmax` and `patch` match
-modkern.ops.select_torch's engine interface, so modkern.ops.select drives both the same way.
+Offsets are 64-bit: tensors may exceed 2**31 elements. `minmax` and `patch` are the
+launchers modkern.ops.select_engine.TritonEngine calls (the select pipeline's engine
+protocol); every launch names its arguments.
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ def _block_bounds(pid, n, start_ptr, end_ptr, SEGMENTED: tl.constexpr, BLOCK: tl
     return start, end
 
 
+# Moves, for N elements of b bytes: N*b read from src; N*b written to dst with COPY; 2*b
+# written per block of BLOCK elements (its min and max). Arguments: src (t1), dst (the
+# output, with COPY), bmin/bmax (one value per block), n (elements), start/end (the block
+# table, SEGMENTED only).
 @triton.jit
 def _minmax_kernel(src_ptr, dst_ptr, bmin_ptr, bmax_ptr, n, start_ptr, end_ptr,
                    COPY: tl.constexpr, SEGMENTED: tl.constexpr, ACC: tl.constexpr,
@@ -61,6 +67,11 @@ def _minmax_kernel(src_ptr, dst_ptr, bmin_ptr, bmax_ptr, n, start_ptr, end_ptr,
     tl.store(bmax_ptr + pid, narrow(tl.where(has_nan, float("nan"), hi), dtype))
 
 
+# Moves, for N elements of b bytes: b read per block (its max); only in the blocks whose
+# max reaches v, BLOCK*b read from dst, and per element taken t2's element read and b
+# written (at alpha 0.9 few blocks qualify: about N*b/BLOCK in all). Arguments: dst (holds
+# t1), t2, v (threshold, one per segment), bmax (block maxima), taken (count per segment),
+# bad (first non-finite selected index), n, start/end/seg (the block table, SEGMENTED).
 @triton.jit
 def _patch_kernel(dst_ptr, t2_ptr, v_ptr, bmax_ptr, taken_ptr, bad_ptr, n,
                   start_ptr, end_ptr, seg_ptr,
@@ -131,9 +142,11 @@ def minmax(src: torch.Tensor, copy_to: torch.Tensor | None = None,
     blocks, (start, end, _) = _launch_args(n, table, src.device)
     bmin = torch.empty(blocks, dtype=src.dtype, device=src.device)
     bmax = torch.empty(blocks, dtype=src.dtype, device=src.device)
-    _minmax_kernel[(blocks,)](src, copy_to if copy_to is not None else src, bmin, bmax, n,
-                              start, end, COPY=copy_to is not None,
-                              SEGMENTED=table is not None, ACC=_acc(src.dtype), BLOCK=BLOCK)
+    _minmax_kernel[(blocks,)](
+        src_ptr=src, dst_ptr=copy_to if copy_to is not None else src,
+        bmin_ptr=bmin, bmax_ptr=bmax, n=n, start_ptr=start, end_ptr=end,
+        COPY=copy_to is not None, SEGMENTED=table is not None, ACC=_acc(src.dtype),
+        BLOCK=BLOCK)
     return bmin, bmax
 
 
@@ -161,8 +174,10 @@ def _patch(dst, t2, v, block_max, write: bool, table: BlockTable | None):
     counts = torch.zeros(segments + 1, dtype=torch.int64, device=dst.device)
     counts[-1] = n  # the last slot collects the first bad index (atomic min)
     v = v.reshape(-1).to(dst.dtype)
-    _patch_kernel[(blocks,)](dst, t2.reshape(-1), v, block_max, counts, counts[-1:], n,
-                             start, end, seg, WRITE=write, SEGMENTED=table is not None,
-                             ACC=_acc(dst.dtype), BLOCK=BLOCK)
+    _patch_kernel[(blocks,)](
+        dst_ptr=dst, t2_ptr=t2.reshape(-1), v_ptr=v, bmax_ptr=block_max,
+        taken_ptr=counts, bad_ptr=counts[-1:], n=n,
+        start_ptr=start, end_ptr=end, seg_ptr=seg,
+        WRITE=write, SEGMENTED=table is not None, ACC=_acc(dst.dtype), BLOCK=BLOCK)
     *taken, bad_at = counts.tolist()  # one device sync
     return (taken if table is not None else taken[0]), (bad_at if bad_at < n else -1)

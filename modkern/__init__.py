@@ -28,7 +28,7 @@ _LAZY = {
     "mix_logits_reference": "ops.mix_reference",
     "mix_logits_many_reference": "ops.mix_reference",
     "merge_state_dicts": "merging.state_dict",
-    "MergeStats": "merging.state_dict",
+    "MergeStats": "merging.counts",
     "merge_checkpoints": "checkpoint.merge",
     "MergeReport": "checkpoint.report",
     "merge_checkpoints_distributed": "checkpoint.distributed",
@@ -41,7 +41,8 @@ if TYPE_CHECKING:
     from .checkpoint.merge import merge_checkpoints
     from .checkpoint.report import MergeReport
     from .decoding.generation import MixtureOfDistributions, generate
-    from .merging.state_dict import MergeStats, merge_state_dicts
+    from .merging.counts import MergeStats
+    from .merging.state_dict import merge_state_dicts
     from .ops.mix import mix_logits, mix_logits_many
     from .ops.mix_reference import mix_logits_many_reference, mix_logits_reference
     from .ops.select import mod_select, mod_select_

@@ -36,9 +36,14 @@ def interpreter_enabled() -> bool:
 
 def resolve_backend(backend: str, *tensors: torch.Tensor) -> Literal["torch", "triton"]:
     """Return the backend that will run `tensors`, or raise BackendError saying why not."""
+    return resolve_backend_on(backend, any(t.is_cuda for t in tensors))
+
+
+def resolve_backend_on(backend: str, on_cuda: bool) -> Literal["torch", "triton"]:
+    """The backend that will run tensors on a CUDA device (`on_cuda`) or on the CPU, or
+    BackendError saying why `backend` cannot."""
     if backend not in BACKENDS:
         raise BackendError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    on_cuda = any(t.is_cuda for t in tensors)
     if backend == "torch":
         return "torch"
     if backend == "auto":

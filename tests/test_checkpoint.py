@@ -12,7 +12,9 @@ import yaml
 from _checkpoints import ckpts, load_folder  # noqa: F401  (session fixture)
 
 import modkern
+from modkern.checkpoint.job import open_merge
 from modkern.checkpoint.merge import merge_checkpoints
+from modkern.checkpoint.options import MergeOptions
 from modkern.checkpoint.folder import INDEX, SINGLE
 from modkern.merging.state_dict import MergeStats, merge_state_dicts
 from modkern.checkpoint.paper_config import load_paper_config
@@ -197,31 +199,27 @@ def test_other_in_another_dtype(tmp_path):
     assert torch.equal(got, merge_state_dicts(sd1, sd2, 0.6)["w"])
 
 
-def test_device_route_logic_on_cpu(ckpts):
-    """The --device route (t1 copied to the device, selected and patched there) run with
-    the CPU as the device: it must equal merge_state_dicts on the loaded tensors. (No GPU
-    here; on one, the same code runs there.)"""
-    from modkern.checkpoint.merge import _merge_on
-    from modkern.ops.select import select_into
-    from modkern.checkpoint.folder import Checkpoint
-    with Checkpoint(ckpts["llama_a"], "BASE") as c1, Checkpoint(ckpts["llama_b"], "OTHER") as c2:
-        for name in c1.names():
-            r2 = c2.where[name]
-
-            def read(idx, r2=r2, name=name):
-                return r2.read_elements(name, idx)
-
-            for alpha, precision in ((0.9, "exact"), (0.3, "reference")):
-                t1 = c1.where[name].read_tensor(name)
-                t2 = r2.read_tensor(name)
-                files = (c1.where[name].path, r2.path)
-                merged, taken = _merge_on(t1.clone(), read, alpha, precision, files, name,
-                                          torch.device("cpu"))
-                expected = torch.empty_like(t1)
-                result = select_into(expected, t1, t2, alpha, precision=precision,
-                                     backend="torch")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_each_tensor_equals_the_in_memory_select(ckpts, tmp_path, backend):
+    """The per-tensor route of the checkpoint merge (BASE's tensor moved to the merge's
+    device and selected there, OTHER read at the selected elements only), on each engine:
+    every tensor equals merge_state_dicts of the loaded pair, with the same count taken.
+    (No GPU here: the CPU is the device; on one, the same code runs there.)"""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    for alpha, precision in ((0.9, "exact"), (0.3, "reference")):
+        options = MergeOptions(alpha, precision=precision, backend=backend)
+        with open_merge(ckpts["llama_a"], ckpts["llama_b"], tmp_path / "out", options) as job:
+            for name in job.ck1.names():
+                t1 = job.ck1.where[name].read_tensor(name)
+                t2 = job.ck2.where[name].read_tensor(name)
+                report, stats = job.new_report(), MergeStats()
+                merged = job.merge_one(name, t1.clone(), report)
+                expected = merge_state_dicts({name: t1}, {name: t2}, alpha,
+                                             precision=precision, backend="torch",
+                                             stats=stats)[name]
                 assert torch.equal(merged, expected), name
-                assert taken == result.taken, name
+                assert report.taken_by_key == stats.taken_by_key, name
 
 
 def test_public_names():

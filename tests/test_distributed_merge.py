@@ -7,6 +7,7 @@ folder, and end every process (timeouts here catch a hang)."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -17,8 +18,11 @@ import pytest
 import torch
 from _checkpoints import ROOT, ckpts, load_folder, run_cli  # noqa: F401  (session fixture)
 
-from modkern.checkpoint.merge import merge_checkpoints, open_merge
-from modkern.checkpoint.distributed import DistributedMergeError, Part, _agreed_error, assign
+from modkern.checkpoint.merge import merge_checkpoints
+from modkern.checkpoint.job import open_merge
+from modkern.checkpoint.options import MergeOptions
+from modkern.checkpoint.distributed import DistributedMergeError, Part, assign
+from modkern.checkpoint.ranks import agreed_error as _agreed_error
 from modkern.errors import NonFiniteError
 from modkern.merging.state_dict import merge_state_dicts
 from modkern.checkpoint.shard_writer import PlannedTensor
@@ -116,7 +120,7 @@ def test_bit_identical_to_single_process(ckpts, tmp_path, nproc, case):
     r = torchrun(nproc, base, other, multi, *options, "--split-above", split_above)
     assert r.returncode == 0, r.stderr
     # Some tensors really were split, and each rank had some whole ones.
-    with open_merge(base, other, tmp_path / "plan", 0.9, dtype=dtype) as job:
+    with open_merge(base, other, tmp_path / "plan", MergeOptions(0.9, dtype=dtype)) as job:
         parts = assign(job.planned, nproc, split_above)
     assert all(any(p.rows for p in ps) and any(p.rows is None for p in ps) for ps in parts)
     assert _weights(multi) == _weights(single)
@@ -180,6 +184,35 @@ def test_python_api_returns_totals_on_every_rank(ckpts, tmp_path):
             "by_key": single.taken_by_key, "written": single.bytes_written}
     assert got == [want, want]
     assert list(got[0]["by_key"]) == list(single.taken_by_key)  # BASE's order
+
+
+_TRITON_API = """
+import sys, modkern
+modkern.merge_checkpoints_distributed(sys.argv[1], sys.argv[2], sys.argv[3], 0.8,
+                                      split_above=10000, backend="triton", progress=False)
+"""
+
+
+def test_triton_route_on_two_ranks_is_bit_identical(ckpts, tmp_path):
+    """Each rank's selects on the Triton engine (under the interpreter here), split tensors
+    (row blocks, min and max reduced over the ranks) and whole ones: the same bytes as one
+    process on the torch engine."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    script = tmp_path / "merge.py"
+    script.write_text(_TRITON_API)
+    with open_merge(ckpts["llama_a"], ckpts["llama_b"], tmp_path / "plan",
+                    MergeOptions(0.8)) as job:
+        parts = assign(job.planned, 2, 10000)
+    assert all(any(p.rows for p in ps) and any(p.rows is None for p in ps) for ps in parts)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                        "--master-addr=127.0.0.1", f"--master-port={_free_port()}", str(script),
+                        ckpts["llama_a"], ckpts["llama_b"], tmp_path / "multi"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"})
+    assert r.returncode == 0, r.stderr
+    merge_checkpoints(ckpts["llama_a"], ckpts["llama_b"], tmp_path / "single", 0.8,
+                      backend="torch", progress=False)
+    assert _weights(tmp_path / "multi") == _weights(tmp_path / "single")
 
 
 # --- failures ------------------------------------------------------------------------

@@ -178,11 +178,11 @@ def test_filtered_alpha_and_keep_base_match_include(tmp_path, models):
 
 def test_backend_parameter_triton(tmp_path, models, monkeypatch):
     pytest.importorskip("triton", reason="triton is not installed")
-    from modkern.ops import select
+    from modkern.ops import select_engine
 
     used = []
-    engine = select._engine
-    monkeypatch.setattr(select, "_engine", lambda backend: used.append(backend) or
+    engine = select_engine.engine_for
+    monkeypatch.setattr(select_engine, "engine_for", lambda backend: used.append(backend) or
                         engine(backend))
     config = _config(tmp_path, models, "  alpha: [0.85, 0.95]\n  backend: triton\n")
     assert _run_inprocess([str(config), str(tmp_path / "out")]) == 0

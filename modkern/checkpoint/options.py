@@ -1,12 +1,21 @@
-"""Parsing the options of a checkpoint merge given as text (command line, recipe files)."""
+"""The options of a checkpoint merge: `MergeOptions`, validated once when made (the
+boundary every merge entry point goes through), and the parsing of options given as text
+(command line, recipe files)."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 
+from ..backends import resolve_backend_on
+from ..checks import check_precision
 from ..errors import BackendError, DTypeError
+from ..merging.patterns import AlphaRule, Patterns, check_alpha_rule, pattern_list
+from .hooks import NO_HOOKS, MergeHooks
+from .shard_writer import parse_size
 
 DTYPE_ALIASES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                  "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -24,10 +33,9 @@ def parse_dtype(dtype) -> torch.dtype | None:
                      "float16 or float32")
 
 
-def parse_device(device) -> torch.device:
-    """'cpu', 'cuda' or 'cuda:N' (or a torch.device of those) -> torch.device; BackendError
-    naming the value and what is expected otherwise (also for a GPU index this machine
-    does not have)."""
+def parse_device(device: str | torch.device) -> torch.device:
+    """'cpu', 'cuda' or 'cuda:N' (or a torch.device of those) that this machine has ->
+    torch.device; BackendError naming the value and what is expected otherwise."""
     if isinstance(device, torch.device):
         dev = device
     elif isinstance(device, str) and re.fullmatch(r"(cpu|cuda)(:\d{1,4})?", device):
@@ -37,9 +45,45 @@ def parse_device(device) -> torch.device:
                            "index such as 0)")
     if dev.type not in ("cpu", "cuda"):
         raise BackendError(f"device {device!r}: expected 'cpu' or 'cuda'")
-    if dev.type == "cuda" and dev.index is not None and torch.cuda.is_available() and \
-            dev.index >= torch.cuda.device_count():
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BackendError(f"device {device!r}: no CUDA device is available here; use "
+                           "--device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise BackendError(f"device {device!r}: this machine has {torch.cuda.device_count()} "
                            f"GPU(s), numbered from 0; expected cuda:0 to "
                            f"cuda:{torch.cuda.device_count() - 1}")
     return dev
+
+
+@dataclass
+class MergeOptions:
+    """What a checkpoint merge is asked to do, besides the folders (see merge_checkpoints
+    for each option's meaning). Made once from the caller's values, which it checks and
+    normalizes: alpha (numbers checked), include/exclude (lists of strings or None),
+    precision, backend (with `resolved_backend`, the one that runs on `device`), device (a
+    torch.device), dtype (a torch dtype or None), max_shard_size (bytes). `progress` and
+    `hooks` change how the merge runs, not what it writes."""
+
+    alpha: AlphaRule
+    include: Patterns = None
+    exclude: Patterns = None
+    strict: bool = True
+    precision: str = "exact"
+    backend: str = "auto"
+    device: str | torch.device = "cpu"
+    dtype: torch.dtype | str | None = None
+    max_shard_size: str | int = "5GB"
+    force: bool = False
+    full_hash: bool = False
+    extra_recipe: Mapping | None = None
+    progress: bool | None = None
+    hooks: MergeHooks = field(default=NO_HOOKS, repr=False)
+
+    def __post_init__(self) -> None:
+        self.precision = check_precision(self.precision)
+        self.alpha = check_alpha_rule(self.alpha)
+        self.include, self.exclude = pattern_list(self.include), pattern_list(self.exclude)
+        self.dtype = parse_dtype(self.dtype)
+        self.max_shard_size = parse_size(self.max_shard_size)
+        self.device = parse_device(self.device)
+        self.resolved_backend = resolve_backend_on(self.backend, self.device.type == "cuda")

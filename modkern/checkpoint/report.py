@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..merging.counts import Counting
+from .hooks import MergeHooks
 
 
 @dataclass
-class MergeReport:
+class MergeReport(Counting):
     """What `merge_checkpoints` did. Byte counts are what was asked of each input's weight
-    files (headers included); bytes_base/bytes_other are those files' sizes."""
+    files (headers included); bytes_base/bytes_other are those files' sizes. Counted with
+    the counter of merge_state_dicts' MergeStats (merging/counts.py)."""
+
+    CARRIED = "tensors_copied"
+    SUMMED = (*Counting.SUMMED, "bytes_read_base", "bytes_read_other", "bytes_written")
 
     out: Path
     tensors_merged: int = 0
@@ -46,3 +53,31 @@ def format_bytes(n: int) -> str:
         if abs(n) < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1000
+
+
+class Progress:
+    """A merge's progress, one `tick` per tensor (or part of one) written: advances the
+    progress bar over the bytes written, if one is shown (`show` True, or None and stderr
+    is a terminal), and calls the hooks."""
+
+    def __init__(self, show: bool | None, total_bytes: int, tensors: int, hooks: MergeHooks,
+                 rank: int = 0, desc: str = "modkern merge"):
+        self.done, self.tensors, self.hooks, self.rank = 0, tensors, hooks, rank
+        self.bar = None
+        if show or (show is None and sys.stderr.isatty()):
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000,
+                            desc=desc, file=sys.stderr, dynamic_ncols=True,
+                            postfix=f"0/{tensors} tensors")
+
+    def tick(self, bytes_written: int) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{self.done}/{self.tensors} tensors", refresh=False)
+            self.bar.update(bytes_written - self.bar.n)
+        self.hooks.after_tensor(self.rank, self.done)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -49,6 +49,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "arithmetic in the weights' dtype, bit for bit")
     p.add_argument("--device", default="cpu",
                    help="cpu (default), or cuda / cuda:N to run the select on the GPU")
+    p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
+                   help="the select's engine: auto (default: the Triton kernels on a CUDA "
+                   "device, torch on the CPU), torch, or triton (on the CPU only under "
+                   "TRITON_INTERPRET=1); every backend writes the same bits")
     p.add_argument("--dtype", default=None,
                    help="cast floating-point output tensors to this dtype (bfloat16, "
                    "float16, float32); default: keep BASE's")
@@ -159,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ..checkpoint.hooks import hooks_from_environment
     from ..checkpoint.paper_config import load_paper_config
     from ..checkpoint.recipe import load_rules
 
@@ -190,10 +195,10 @@ def _run(args: argparse.Namespace) -> int:
         exclude=args.exclude or rules.get("exclude"),
         strict=args.strict if args.strict is not None else rules.get("strict", True),
         precision=args.precision or rules.get("precision", "exact"),
-        device=args.device, dtype=args.dtype or rules.get("dtype"),
+        backend=args.backend, device=args.device, dtype=args.dtype or rules.get("dtype"),
         max_shard_size=args.max_shard_size, force=args.force,
         progress=False if args.quiet else None, full_hash=args.full_hash,
-        extra_recipe=extra)
+        extra_recipe=extra, hooks=hooks_from_environment())  # tests' fault injection
     if not args.quiet and rank == 0:
         print(f"modkern merge: {one_line(report.summary())}", file=sys.stdout)
     return 0

@@ -48,7 +48,6 @@ except ModuleNotFoundError as error:  # pragma: no cover - depends on the enviro
         name="mergekit") from error
 
 from ..errors import ModkernError
-from ..checks import check_alpha
 from ..ops.select import mod_select
 
 METHOD_NAME = "mod"
@@ -66,7 +65,6 @@ def mod_merge(group: TensorGroup, alpha: float,
     base, other = group.base.tensor, group.non_base[0].tensor
     if keep_base:
         return base
-    alpha = check_alpha(alpha, f"alpha for tensor {name!r}")
     return mod_select(base, other, alpha, backend=backend, precision=precision, name=name)
 
 

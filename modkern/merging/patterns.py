@@ -12,7 +12,7 @@ import fnmatch
 from collections.abc import Callable, Iterable, Mapping
 
 from ..checks import check_alpha
-from ..errors import AlphaError
+from ..errors import AlphaError, OptionError
 
 
 AlphaRule = float | Mapping[str, float] | Callable[[str], "float | None"]
@@ -38,9 +38,15 @@ def exact_pattern(name: str) -> str:
 
 
 def pattern_list(patterns: Patterns) -> list[str] | None:
+    """`patterns` as a list (None stays None); OptionError for anything but strings."""
     if patterns is None:
         return None
-    return [patterns] if isinstance(patterns, str) else list(patterns)
+    found = [patterns] if isinstance(patterns, str) else list(patterns)
+    for p in found:
+        if not isinstance(p, str):
+            raise OptionError(f"name pattern {p!r}: expected a string such as 'mlp' or "
+                              "'model.layers.*'")
+    return found
 
 
 def name_filter(include: Patterns = None, exclude: Patterns = None) -> Callable[[str], bool]:
@@ -56,27 +62,41 @@ def name_filter(include: Patterns = None, exclude: Patterns = None) -> Callable[
     return keep
 
 
-def check_alpha_rule(rule: AlphaRule) -> AlphaRule:
-    """The rule with every number checked (a float, or each value of a mapping, matched
-    by a tensor or not), so a bad alpha fails before any work; functions are checked per
-    call."""
-    if isinstance(rule, Mapping):
-        return {pattern: check_alpha(value, f"alpha for pattern {pattern!r}")
-                for pattern, value in rule.items()}
-    return rule if callable(rule) else check_alpha(rule)
+def check_alpha_rule(rule: AlphaRule, names: Iterable[str] = ()) -> AlphaRule:
+    """The rule with every number checked, once, before any work: a float, or each value of
+    a mapping (naming the first of `names` that takes its alpha from that pattern, else the
+    pattern alone). A function is checked per name, as `alpha_for` calls it."""
+    if callable(rule) and not isinstance(rule, Mapping):
+        return rule
+    if not isinstance(rule, Mapping):
+        return check_alpha(rule)
+    pattern_list(list(rule))  # the patterns must be strings
+    first_user: dict[str, str] = {}
+    for name in names:
+        pattern = next((p for p in rule if matches(name, p)), None)
+        if pattern is not None:
+            first_user.setdefault(pattern, name)
+    checked = {}
+    for pattern, value in rule.items():
+        user = first_user.get(pattern)
+        where = (f"alpha for {user!r} (pattern {pattern!r})" if user is not None
+                 else f"alpha for pattern {pattern!r}")
+        checked[pattern] = check_alpha(value, where)
+    return checked
 
 
 def alpha_for(rule: AlphaRule, name: str) -> float | None:
-    """The alpha `rule` gives `name`: the float itself, the value of the first matching
-    pattern of a mapping (in its order), or what a function returns (None: do not merge
-    this tensor). Raises AlphaError when a mapping has no pattern for the name."""
+    """The alpha a rule checked by `check_alpha_rule` gives `name`: the float itself, the
+    value of the first matching pattern of a mapping (in its order), or what a function
+    returns, checked (None: do not merge this tensor). Raises AlphaError when a mapping
+    has no pattern for the name."""
     if isinstance(rule, Mapping):
         for pattern, value in rule.items():
             if matches(name, pattern):
-                return check_alpha(value, f"alpha for {name!r} (pattern {pattern!r})")
+                return value
         raise AlphaError(f"no alpha pattern matches tensor {name!r}; patterns are "
                          f"{list(rule)}; add a catch-all such as '*': 0.9")
     if callable(rule):
         value = rule(name)
         return None if value is None else check_alpha(value, f"alpha for {name!r}")
-    return check_alpha(rule)
+    return rule

@@ -1,59 +1,31 @@
 """`merge_state_dicts`: MoD over whole state dicts, with name filters and per-name alpha
-(see modkern/merging/patterns.py for the name patterns and alpha rules).
+(see modkern/merging/patterns.py for the name patterns and alpha rules), each tensor through
+the select pipeline (modkern/ops/select_pipeline.py).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 
 import torch
 
 from ..backends import resolve_backend
-from ..errors import DTypeError, KeyMismatchError, ModkernError
 from ..checks import check_precision
-from ..ops.select import SelectResult, check_pair, select_inplace, select_into, \
-    select_many_into
-from .patterns import AlphaRule, Patterns, alpha_for, check_alpha_rule, name_filter
+from ..errors import ModkernError
+from ..ops import select_engine
+from ..ops.select_context import SelectContext
+from ..ops.select_pipeline import SelectResult, select_inplace, select_into, \
+    select_packed
+from .counts import MergeStats
+from .patterns import AlphaRule, Patterns, check_alpha_rule, name_filter
+from .plan import alphas, check_keys, names_to_merge
+
+__all__ = ["MergeStats", "merge_state_dicts", "check_keys", "check_shared_storage"]
 
 # Tensors up to this many elements are packed together on the Triton backend (norms,
 # biases): one launch pair for all of them instead of one per tensor.
 BATCH_MAX = 1 << 16
-
-
-@dataclass
-class MergeStats:
-    """Counts a merge fills in when passed as `stats=`."""
-
-    tensors_merged: int = 0
-    tensors_carried: int = 0
-    elements_merged: int = 0
-    elements_taken: int = 0
-    taken_by_key: dict[str, int] = field(default_factory=dict)
-
-    def add(self, name: str, result: SelectResult) -> None:
-        self.tensors_merged += 1
-        self.elements_merged += result.numel
-        self.elements_taken += result.taken
-        self.taken_by_key[name] = result.taken
-
-
-def check_keys(sd1: Mapping[str, object], sd2: Mapping[str, object]) -> None:
-    """KeyMismatchError naming the keys that only one model has."""
-    only1 = [k for k in sd1 if k not in sd2]
-    only2 = [k for k in sd2 if k not in sd1]
-    if only1 or only2:
-        def show(keys: list[str]) -> str:
-            return ", ".join(repr(k) for k in keys[:5]) + (" ..." if len(keys) > 5 else "")
-        parts = []
-        if only1:
-            parts.append(f"{len(only1)} key(s) only in model 1 (base): {show(only1)}")
-        if only2:
-            parts.append(f"{len(only2)} key(s) only in model 2 (other): {show(only2)}")
-        raise KeyMismatchError("state dicts differ: " + "; ".join(parts) +
-                               " (pass strict=False to carry model 1's extra keys over and "
-                               "ignore model 2's)")
 
 
 def merge_state_dicts(sd1: Mapping[str, torch.Tensor], sd2: Mapping[str, torch.Tensor],
@@ -87,40 +59,57 @@ def merge_state_dicts(sd1: Mapping[str, torch.Tensor], sd2: Mapping[str, torch.T
     check_precision(precision)
     if strict:
         check_keys(sd1, sd2)
-    plan = _plan(sd1, sd2, alpha, name_filter(include, exclude))  # names key and pattern
-    check_alpha_rule(alpha)  # then the values no tensor matched, still before any work
+    names = names_to_merge(sd1, sd2, name_filter(include, exclude))
+    plan = alphas(check_alpha_rule(alpha, names), names)
     if inplace:
         check_shared_storage(sd1, sd2, plan)
         plan = _first_of_each_storage(sd1, plan)  # tied weights: merge shared storage once
     stats = stats if stats is not None else MergeStats()
+    merged_before = stats.tensors_merged
     outputs: dict[str, torch.Tensor] = {}
     batches: dict[tuple, list[str]] = defaultdict(list)
     for name, a in plan.items():
         t1, t2 = sd1[name], sd2[name]
-        backend_k = resolve_backend(backend, t1, t2)
-        if backend_k == "triton" and 0 < t1.numel() <= BATCH_MAX:
+        engine = select_engine.engine_for(resolve_backend(backend, t1, t2))
+        if engine.name == "triton" and 0 < t1.numel() <= BATCH_MAX:
             batches[(t1.dtype, t1.device)].append(name)  # small: packed, launched together
             continue
-        if inplace:
-            stats.add(name, select_inplace(t1, t2, a, precision=precision, backend=backend_k,
-                                           name=name))
-        else:
-            outputs[name] = torch.empty(t1.shape, dtype=t1.dtype, device=t1.device)
-            stats.add(name, select_into(outputs[name], t1, t2, a, precision=precision,
-                                        backend=backend_k, name=name))
+        outputs[name], result = _merge_one(t1, t2, a, precision=precision, engine=engine,
+                                           inplace=inplace, name=name)
+        stats.add(name, result)
     for names in batches.values():
-        t1s = [sd1[n] for n in names]
-        outs = t1s if inplace else [torch.empty_like(t, memory_format=torch.contiguous_format)
-                                    for t in t1s]
-        results = select_many_into(outs, t1s, [sd2[n] for n in names],
-                                   [plan[n] for n in names], precision=precision, names=names)
-        for name, out, res in zip(names, outs, results):
-            outputs[name] = out
-            stats.add(name, res)
-    stats.tensors_carried = len(sd1) - stats.tensors_merged
+        outputs |= _merge_packed(sd1, sd2, names, plan, precision, inplace, stats)
+    stats.carry(len(sd1) - (stats.tensors_merged - merged_before))
     if inplace:
         return sd1  # type: ignore[return-value]
     return {name: outputs.get(name, t1) for name, t1 in sd1.items()}
+
+
+def _merge_one(t1: torch.Tensor, t2: torch.Tensor, alpha: float, *, precision: str,
+               engine: select_engine.SelectEngine, inplace: bool, name: str
+               ) -> tuple[torch.Tensor, SelectResult]:
+    """One pair through the select pipeline, into a new tensor or into t1 itself."""
+    context = SelectContext(name)
+    if inplace:
+        return t1, select_inplace(t1, t2, alpha, precision=precision, engine=engine,
+                                  context=context)
+    out = torch.empty(t1.shape, dtype=t1.dtype, device=t1.device)
+    return out, select_into(out, t1, t2, alpha, precision=precision, engine=engine,
+                            context=context)
+
+
+def _merge_packed(sd1, sd2, names: list[str], plan: dict[str, float], precision: str,
+                  inplace: bool, stats: MergeStats) -> dict[str, torch.Tensor]:
+    """Small tensors of one dtype and device, packed into one launch pair (Triton)."""
+    t1s = [sd1[n] for n in names]
+    outs = t1s if inplace else [torch.empty_like(t, memory_format=torch.contiguous_format)
+                                for t in t1s]
+    results = select_packed(outs, t1s, [sd2[n] for n in names], [plan[n] for n in names],
+                            precision=precision, engine=select_engine.engine_for("triton"),
+                            contexts=[SelectContext(n) for n in names])
+    for name, result in zip(names, results):
+        stats.add(name, result)
+    return dict(zip(names, outs))
 
 
 def _first_of_each_storage(sd1: Mapping[str, torch.Tensor],
@@ -180,27 +169,3 @@ def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _storage_key(t: torch.Tensor) -> tuple:
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
-
-
-def _plan(sd1: Mapping[str, torch.Tensor], sd2: Mapping[str, torch.Tensor],
-          alpha: AlphaRule, keep: Callable[[str], bool]) -> dict[str, float]:
-    """Validate every pair up front (so a bad key fails before any work) and return the
-    alpha of each tensor to merge."""
-    plan: dict[str, float] = {}
-    for name, t1 in sd1.items():
-        if name not in sd2 or not keep(name):
-            continue
-        if not isinstance(t1, torch.Tensor) or not t1.is_floating_point():
-            t2 = sd2[name]
-            if isinstance(t2, torch.Tensor) and isinstance(t1, torch.Tensor) and \
-                    t2.is_floating_point():
-                raise DTypeError(f"tensor {name!r}: model 1 (base) has dtype {t1.dtype} but "
-                                 f"model 2 (other) has {t2.dtype}; expected both floating "
-                                 "point or both not")
-            continue
-        check_pair(t1, sd2[name], name)
-        a = alpha_for(alpha, name)
-        if a is not None:
-            plan[name] = a
-    return plan
-

@@ -1,0 +1,122 @@
+"""The engines that run the passes of the weight select, behind one protocol.
+
+The select pipeline (select_pipeline.py) asks an engine for three things: the per-block
+min and max of t1 (copying t1 to the output on the way, out of place), the fused patch
+(take model 2's elements where `t1 >= v`, reading model 2 from a tensor in the same pass),
+and the sorted indices of the elements to take, for sources read at indices (a checkpoint
+file). `TorchEngine` runs vectorized torch ops (select_torch.py); `TritonEngine` runs the
+kernels of kernels/mod_select.py, and also packs many small tensors into one launch pair.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import cache
+from typing import Literal, Protocol
+
+import torch
+
+from ..backends import kernel_module
+from . import select_torch
+from .select_source import TensorSource, take_at
+
+
+class SelectEngine(Protocol):
+    """One way to run the select's passes over a contiguous 1-D tensor."""
+
+    name: Literal["torch", "triton"]
+
+    @property
+    def direct_max(self) -> int:
+        """Up to this many elements the pipeline evaluates the formula itself instead of
+        searching for the threshold (0: never)."""
+
+    def minmax(self, src: torch.Tensor, copy_to: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-block (min, max) of `src` in its dtype, NaN for a block holding a NaN;
+        copies src into `copy_to` when given."""
+
+    def patch(self, dst: torch.Tensor, t2: torch.Tensor, v: torch.Tensor,
+              block_max: torch.Tensor, atomic: bool = False) -> tuple[int, int]:
+        """Write t2's elements (any float dtype, dst's size and device) into `dst` (holding
+        t1) wherever dst >= v, skipping blocks whose max is below v; a non-finite one is
+        never written (with `atomic` nothing is, then). Returns (elements taken, flat index
+        of the first non-finite selected t2 element or -1)."""
+
+    def selected(self, flat: torch.Tensor, v: torch.Tensor, block_max: torch.Tensor
+                 ) -> Iterator[torch.Tensor]:
+        """The sorted flat indices (on flat's device) of the elements >= v, in bounded
+        chunks, found from `block_max` (what `minmax` returned)."""
+
+
+class PackedEngine(SelectEngine, Protocol):
+    """An engine that also runs many small tensors packed end to end in one launch pair:
+    `minmax` and `patch` then take the `table` that `pack` built (v then holds one value
+    per tensor, and `patch` returns one count taken per tensor)."""
+
+    def pack(self, sizes: list[int], device: torch.device) -> object:
+        """The block table of tensors of `sizes` elements packed end to end."""
+
+    def minmax(self, src: torch.Tensor, copy_to: torch.Tensor | None = None,
+               table: object | None = None) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def patch(self, dst: torch.Tensor, t2: torch.Tensor, v: torch.Tensor,
+              block_max: torch.Tensor, atomic: bool = False, table: object | None = None
+              ) -> tuple[int | list[int], int]: ...
+
+
+class TorchEngine:
+    """Vectorized torch ops (any device)."""
+
+    name = "torch"
+
+    @property
+    def direct_max(self) -> int:
+        return select_torch.DIRECT_MAX  # read at call time (tests switch it off)
+
+    def minmax(self, src, copy_to=None):
+        return select_torch.minmax(src, copy_to)
+
+    def patch(self, dst, t2, v, block_max, atomic=False):
+        return take_at(dst, TensorSource(t2), self.selected(dst, v, block_max), atomic)
+
+    def selected(self, flat, v, block_max):
+        v = v.reshape(1).to(flat.dtype)
+        return select_torch.selected_chunks(flat, v, select_torch.hot_blocks(flat, v))
+
+
+class TritonEngine:
+    """The kernels of kernels/mod_select.py (CUDA tensors, or the CPU under
+    TRITON_INTERPRET=1)."""
+
+    name = "triton"
+    direct_max = 0
+
+    def __init__(self):
+        self.kernels = kernel_module("mod_select")
+        # `selected` finds the hot blocks from the kernel's block maxima, and the elements
+        # in them with select_torch: both must mean the same blocks.
+        assert self.kernels.BLOCK == select_torch.BLOCK
+
+    def pack(self, sizes: list[int], device: torch.device):
+        return self.kernels.BlockTable(sizes, device)
+
+    def minmax(self, src, copy_to=None, table=None):
+        return self.kernels.minmax(src, copy_to=copy_to, table=table)
+
+    def patch(self, dst, t2, v, block_max, atomic=False, table=None):
+        t2 = t2 if t2.is_contiguous() else t2.contiguous()  # the kernel reads t2 flat
+        return self.kernels.patch(dst, t2, v, block_max, atomic=atomic, table=table)
+
+    def selected(self, flat, v, block_max):
+        # The hot blocks are the kernel's blocks whose maximum reaches v; their elements
+        # >= v are found on the device. (A compaction kernel mode can take this place.)
+        v = v.reshape(1).to(flat.dtype)
+        hot = torch.nonzero(block_max >= v).flatten()
+        return select_torch.selected_chunks(flat, v, hot)
+
+
+@cache
+def engine_for(backend: Literal["torch", "triton"]) -> SelectEngine:
+    """The engine of a resolved backend (see backends.resolve_backend)."""
+    return TritonEngine() if backend == "triton" else TorchEngine()

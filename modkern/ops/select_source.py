@@ -1,0 +1,103 @@
+"""Model 2's values, where the select takes them: from a tensor, or from a reader that
+reads only the elements asked for (a checkpoint file), and `take_at`, the step that reads
+them at the selected indices, checks they are finite and writes them.
+
+A source answers `read(flat_idx)` for indices of the part being merged (a whole tensor, or
+a row block of one starting at flat index `first` of the tensor). A source whose values
+lie in a tensor on the merge's device also offers it as `tensor`, so an engine can read
+them in the same pass that finds what to take (the fused patch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol
+
+import torch
+
+
+class ValueSource(Protocol):
+    """Where model 2's values of one tensor (or row block) come from."""
+
+    @property
+    def tensor(self) -> torch.Tensor | None:
+        """Model 2's values as a tensor with the part's number of elements on the merge's
+        device, or None when they must be read at indices."""
+
+    def read(self, flat_idx: torch.Tensor) -> torch.Tensor:
+        """Model 2's values (as stored: its dtype, any device) at the sorted flat indices
+        `flat_idx` of the part."""
+
+
+def gather_flat(t: torch.Tensor, flat_idx: torch.Tensor) -> torch.Tensor:
+    """t's elements at row-major flat indices, without copying a strided t."""
+    if t.is_contiguous():
+        return t.view(-1)[flat_idx]
+    return t[torch.unravel_index(flat_idx, t.shape)]
+
+
+class TensorSource:
+    """Model 2's tensor t2, held in memory (any strides, any float dtype)."""
+
+    def __init__(self, t2: torch.Tensor):
+        self.tensor = t2
+
+    def read(self, flat_idx: torch.Tensor) -> torch.Tensor:
+        return gather_flat(self.tensor, flat_idx.to(self.tensor.device))
+
+
+class ElementReader(Protocol):
+    """What a ReaderSource reads from (e.g. checkpoint.safetensors_io.SafetensorsReader)."""
+
+    def read_elements(self, name: str, flat_idx: torch.Tensor) -> torch.Tensor: ...
+
+
+class ReaderSource:
+    """Tensor `name` of a file, read only at the elements asked for; `first` is the flat
+    index in that tensor of the part's first element (a row block). (How a file is read
+    for a chunk of indices, positioned reads of their pages or one sequential read when
+    many are selected, is decided here.)"""
+
+    tensor = None
+
+    def __init__(self, reader: ElementReader, name: str, first: int = 0):
+        self.reader, self.name, self.first = reader, name, first
+
+    def read(self, flat_idx: torch.Tensor) -> torch.Tensor:
+        return self.reader.read_elements(self.name, flat_idx.cpu() + self.first)
+
+
+def take_at(dst: torch.Tensor, source: ValueSource, chunks: Iterable[torch.Tensor],
+            atomic: bool = False) -> tuple[int, int]:
+    """Write model 2's values at the selected flat indices (sorted, in chunks) into the
+    1-D `dst`, each chunk after checking its values are finite in dst's dtype.
+
+    Stops at the first non-finite value; with `atomic` (an in-place merge into the caller's
+    tensor) nothing at all is written then (the values are checked in a first pass when
+    there is more than one chunk). Returns (elements taken, flat index of the first
+    non-finite value or -1)."""
+    if atomic:
+        chunks = list(chunks)
+        if len(chunks) > 1:
+            for idx in chunks:
+                _, bad = _take_chunk(dst, source, idx, write=False)
+                if bad >= 0:
+                    return 0, bad
+    taken = 0
+    for idx in chunks:
+        n, bad = _take_chunk(dst, source, idx, write=True)
+        taken += n
+        if bad >= 0:
+            return taken, bad
+    return taken, -1
+
+
+def _take_chunk(dst: torch.Tensor, source: ValueSource, idx: torch.Tensor,
+                write: bool) -> tuple[int, int]:
+    vals = source.read(idx).to(device=dst.device, dtype=dst.dtype)
+    finite = torch.isfinite(vals)
+    if not bool(finite.all()):
+        return 0, int(idx[~finite.to(idx.device)][0])
+    if write:
+        dst[idx.to(dst.device)] = vals
+    return idx.numel(), -1
