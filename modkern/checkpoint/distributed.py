@@ -38,6 +38,7 @@ import torch
 from . import publish
 from .job import MergeJob, open_merge
 from .options import MergeOptions
+from .out_folder import make_parent
 from .prefetch import prefetched
 from .ranks import (DistributedMergeError, Group, OtherRankFailed, PeerLostError, agree,
                     agreed_error)
@@ -127,8 +128,7 @@ def merge_checkpoints_distributed(base, other, out, alpha, *, split_above: int |
 def _rank_device(device):
     """This rank's GPU for a plain "cuda" (ranks share GPUs round-robin when there are
     more ranks than GPUs); any other device as given."""
-    if torch.device(device).type == "cuda" and torch.device(device).index is None \
-            and torch.cuda.is_available():
+    if str(device) == "cuda" and torch.cuda.is_available():  # (a bad one: MergeOptions says)
         local = int(os.environ.get("LOCAL_RANK") or 0)
         device = f"cuda:{local % torch.cuda.device_count()}"
         torch.cuda.set_device(torch.device(device))
@@ -149,7 +149,7 @@ def _run(group: Group, paths: tuple, alpha, options: dict, split_above: int,
         tmp: Path | None = None
         try:
             if rank == 0:
-                job.out.parent.mkdir(parents=True, exist_ok=True)
+                make_parent(job.out)
                 tmp = publish.temp_folder(job.out)
                 preallocate(tmp, job.shards)
         except BaseException as e:  # noqa: BLE001

@@ -9,11 +9,13 @@ shapes, offsets, file sizes) and reads no tensor data.
 
 from __future__ import annotations
 
-import json
+import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import CheckpointError
+from .input_files import check_input_file, file_kind, open_input, parse_json, read_input
 from .safetensors_io import SafetensorsReader, TensorInfo
 
 SINGLE = "model.safetensors"
@@ -22,6 +24,11 @@ INDEX = "model.safetensors.index.json"
 ARCH_KEYS = ("architectures", "model_type", "hidden_size", "num_hidden_layers",
              "intermediate_size", "num_attention_heads", "num_key_value_heads", "vocab_size",
              "head_dim")
+# Files beside the weights that a merge copies from BASE (top level only); OTHER's are hashed.
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+              "vocab.txt", "merges.txt", "chat_template.json", "chat_template.jinja",
+              "spiece.model", "preprocessor_config.json")
 PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin", "*.bin", "*.pt",
            "*.pth", "*.ckpt")
 
@@ -36,43 +43,81 @@ def _pickled_files(folder: Path) -> list[str]:
     return sorted({p.name for pat in PICKLED for p in folder.glob(pat) if p.is_file()})
 
 
+def check_folder(folder: Path, label: str) -> None:
+    """CheckpointError unless `folder` is a readable directory (`label` names the model)."""
+    try:
+        st = os.stat(folder)
+    except FileNotFoundError:
+        raise CheckpointError(f"{label} {folder}: no such folder; expected a Hugging Face "
+                              f"checkpoint folder (model.safetensors or shards with {INDEX}, "
+                              "config.json)") from None
+    except OSError as err:
+        raise CheckpointError(f"{label} {folder}: cannot access: {err.strerror}; expected a "
+                              "readable checkpoint folder") from None
+    if not stat.S_ISDIR(st.st_mode):
+        what = "a file" if stat.S_ISREG(st.st_mode) else file_kind(st.st_mode)
+        raise CheckpointError(f"{label} {folder}: is {what}; expected a checkpoint folder")
+    try:
+        with os.scandir(folder) as entries:
+            next(entries, None)
+    except OSError as err:
+        raise CheckpointError(f"{label} {folder}: cannot read the folder: {err.strerror}; "
+                              "expected a readable checkpoint folder") from None
+
+
+def _weight_map(raw: bytes, index: Path, label: str) -> dict[str, str]:
+    expected = "JSON with a 'weight_map' of tensor name -> shard file"
+    data = parse_json(raw, f"{label} {index}: unreadable index", expected, allow_nan=False)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise CheckpointError(f"{label} {index}: unreadable index (no 'weight_map' object of "
+                              f"strings); expected {expected}")
+    if not weight_map:
+        raise CheckpointError(f"{label} {index}: the weight_map is empty; expected the "
+                              "checkpoint's tensors")
+    return weight_map
+
+
+def _shards(folder: Path, weight_map: dict[str, str], label: str) -> list[Path]:
+    """The shard files an index names, each checked under the input-file rule."""
+    index = folder / INDEX
+    seen: dict[Path, str] = {}
+    first_tensor: dict[str, str] = {}
+    for tensor, name in weight_map.items():
+        first_tensor.setdefault(name, tensor)
+    for name in sorted(first_tensor):
+        tensor = first_tensor[name]
+        if Path(name).name != name or name in ("", ".", "..") or "\0" in name:
+            raise CheckpointError(f"{label} {index}: shard {name!r} (for tensor {tensor!r}) "
+                                  "is not a file name in the checkpoint folder; expected "
+                                  "shards beside the index")
+        found = check_input_file(folder, name, label)
+        if found is None:
+            raise CheckpointError(f"{label} {folder / name}: shard listed in {INDEX} (for "
+                                  f"tensor {tensor!r} and others) is missing; expected the "
+                                  "file to exist (incomplete download?)")
+        if found[0] in seen:
+            raise CheckpointError(f"{label} {index}: shards {seen[found[0]]!r} and {name!r} are "
+                                  f"the same file {found[0]}; expected each shard once")
+        seen[found[0]] = name
+    return [folder / name for name in seen.values()]
+
+
 def weight_files(folder: Path, label: str) -> tuple[list[Path], dict[str, str] | None]:
     """The safetensors files of a checkpoint folder and, when sharded, the index's weight map.
 
     `label` names the model in errors ("BASE", "OTHER"). Raises CheckpointError for a
-    missing folder, pickled weights only, an unreadable index, or shards the index names
-    that are absent."""
-    if not folder.exists():
-        raise CheckpointError(f"{label} {folder}: no such folder; expected a Hugging Face "
-                              "checkpoint folder (model.safetensors or shards with "
-                              f"{INDEX}, config.json)")
-    if not folder.is_dir():
-        raise CheckpointError(f"{label} {folder}: is a file; expected a checkpoint folder")
-    single, index = folder / SINGLE, folder / INDEX
-    if single.is_file():  # preferred when both exist, as transformers does
-        return [single], None
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            if not isinstance(weight_map, dict) or not all(
-                    isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
-                raise TypeError
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-            raise CheckpointError(f"{label} {index}: unreadable index; expected JSON with a "
-                                  "'weight_map' of tensor name -> shard file") from None
-        files = sorted(set(weight_map.values()))
-        for name in files:
-            shard = folder / name
-            tensor = next(k for k, v in weight_map.items() if v == name)
-            if Path(name).name != name:
-                raise CheckpointError(f"{label} {index}: shard {name!r} (for tensor {tensor!r}) "
-                                      "is not a file name in the checkpoint folder; expected "
-                                      "shards beside the index")
-            if not shard.is_file():
-                raise CheckpointError(f"{label} {shard}: shard listed in {INDEX} (for tensor "
-                                      f"{tensor!r} and others) is missing; expected the file "
-                                      "to exist (incomplete download?)")
-        return [folder / f for f in files], weight_map
+    missing or unreadable folder, pickled weights only, an unreadable index, shards the
+    index names that are absent, and weight files that are not regular files inside the
+    folder (symlinks out of it, FIFOs, devices, directories)."""
+    check_folder(folder, label)
+    if check_input_file(folder, SINGLE, label) is not None:  # preferred, as in transformers
+        return [folder / SINGLE], None
+    raw = read_input(folder, INDEX, label)
+    if raw is not None:
+        weight_map = _weight_map(raw, folder / INDEX, label)
+        return _shards(folder, weight_map, label), weight_map
     pickled = _pickled_files(folder)
     if pickled:
         raise CheckpointError(f"{label} {folder}: has only pickled weights ({', '.join(pickled)}); "
@@ -94,12 +139,10 @@ class Checkpoint:
         files, weight_map = weight_files(self.folder, label)
         self.readers: list[SafetensorsReader] = []
         self.where: dict[str, SafetensorsReader] = {}
+        self.side_files = side_files(self.folder, label)
         try:
             for path in files:
-                try:
-                    reader = SafetensorsReader(path, pattern)
-                except CheckpointError as err:
-                    raise CheckpointError(f"{label} {err}") from None
+                reader = SafetensorsReader(path, pattern, label=label, folder=self.folder)
                 self.readers.append(reader)
                 for name in reader.tensors:
                     if name in self.where:
@@ -116,6 +159,9 @@ class Checkpoint:
                     if name not in self.where:
                         raise CheckpointError(f"{label} {self.folder / file}: tensor {name!r} "
                                               f"listed in {INDEX} is not in that shard")
+            if not self.where:
+                raise CheckpointError(f"{label} {self.folder}: its weight files hold no "
+                                      "tensor; expected a checkpoint with weights")
         except BaseException:
             self.close()
             raise
@@ -152,14 +198,33 @@ class Checkpoint:
 
     def config(self) -> dict:
         """config.json as a dict ({} when absent)."""
-        path = self.folder / "config.json"
-        if not path.is_file():
-            return {}
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CheckpointError(f"{self.label} {path}: unreadable config ({err}); expected "
-                                  "JSON") from None
+        return read_config(self.folder, self.label)
+
+
+def side_files(folder: Path, label: str) -> list[str]:
+    """The SIDE_FILES present in `folder`, each checked now (a regular file inside the
+    folder that can be opened) so that none fails after the merge has run."""
+    present = []
+    for name in SIDE_FILES:
+        fd = open_input(folder, name, label)
+        if fd is not None:
+            os.close(fd)
+            present.append(name)
+    return present
+
+
+def read_config(folder: Path, label: str) -> dict:
+    """`folder`/config.json as a dict ({} when absent); CheckpointError naming the model and
+    file unless it is a JSON object."""
+    path = folder / "config.json"
+    raw = read_input(folder, "config.json", label)
+    if raw is None:
+        return {}
+    config = parse_json(raw, f"{label} {path}: unreadable config", "a JSON object")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{label} {path}: unreadable config (a JSON "
+                              f"{type(config).__name__}); expected a JSON object")
+    return config
 
 
 def check_configs(c1: dict, c2: dict, base: Path, other: Path) -> None:

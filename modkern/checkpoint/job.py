@@ -25,7 +25,8 @@ from ..ops.select_source import ReaderSource
 from . import publish, recipe as recipe_io
 from .folder import Checkpoint, check_configs
 from .options import MergeOptions
-from .out_folder import COPIED, check_out_path, check_space, copy_base_files
+from .out_folder import (COPIED, check_out_path, check_space, copy_base_files, out_path,
+                         write_file)
 from .report import MergeReport
 from .shard_writer import PlannedTensor, plan_shards
 
@@ -93,8 +94,8 @@ class MergeJob:
         copy_base_files(self.base, tmp, self.copied, self.options.dtype)
         record = recipe_record(self, report, inputs)
         recipe_io.write_recipe(tmp, record)
-        (tmp / "README.md").write_text(recipe_io.model_card(self.base, self.other, record),
-                                       encoding="utf-8")
+        write_file(tmp / "README.md",
+                   [recipe_io.model_card(self.base, self.other, record).encode("utf-8")])
 
 
 def tensor_context(ck1: Checkpoint, ck2: Checkpoint, name: str) -> SelectContext:
@@ -139,7 +140,7 @@ def open_merge(base: str | os.PathLike, other: str | os.PathLike, out: str | os.
     shapes, dtypes, alpha per tensor, output path, disk space; the options were checked
     when made), plan the output shards, and yield a MergeJob with both checkpoints open."""
     base_p, other_p = Path(base).absolute(), Path(other).absolute()
-    out_p = Path(out).absolute()
+    out_p = out_path(out)
     publish.remove_stale(out_p)  # first: it may restore the OUT a killed swap left aside
     check_out_path(base_p.resolve(), other_p.resolve(), out_p.resolve(), options.force)
 

@@ -25,6 +25,7 @@ from ..merging.patterns import AlphaRule
 from . import publish
 from .job import open_merge
 from .options import MergeOptions
+from .out_folder import make_parent
 from .prefetch import prefetched
 from .report import MergeReport, Progress
 from .shard_writer import BackgroundWriter, ShardWriter
@@ -76,7 +77,7 @@ def merge_with_options(base: str | os.PathLike, other: str | os.PathLike,
     start = time.perf_counter()
     with open_merge(base, other, out, options) as job:
         report = job.new_report()
-        job.out.parent.mkdir(parents=True, exist_ok=True)
+        make_parent(job.out)
         tmp = publish.temp_folder(job.out)
         writer = BackgroundWriter(ShardWriter(tmp, job.shards))
         progress = Progress(options.progress, sum(s.nbytes for s in job.shards),

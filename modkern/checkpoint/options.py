@@ -4,6 +4,7 @@ boundary every merge entry point goes through), and the parsing of options given
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -33,16 +34,24 @@ def parse_dtype(dtype) -> torch.dtype | None:
 
 
 def parse_device(device: str | torch.device) -> torch.device:
-    """A CPU or an available CUDA device, or BackendError."""
-    try:
+    """'cpu', 'cuda' or 'cuda:N' (or a torch.device of those) that this machine has ->
+    torch.device; BackendError naming the value and what is expected otherwise."""
+    if isinstance(device, torch.device):
+        dev = device
+    elif isinstance(device, str) and re.fullmatch(r"(cpu|cuda)(:\d{1,4})?", device):
         dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
+    else:
+        raise BackendError(f"device {device!r}: expected 'cpu', 'cuda' or 'cuda:N' (N a GPU "
+                           "index such as 0)")
+    if dev.type not in ("cpu", "cuda"):
         raise BackendError(f"device {device!r}: expected 'cpu' or 'cuda'")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BackendError(f"device {device!r}: no CUDA device is available here; use "
                            "--device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise BackendError(f"device {device!r}: this machine has {torch.cuda.device_count()} "
+                           f"GPU(s), numbered from 0; expected cuda:0 to "
+                           f"cuda:{torch.cuda.device_count() - 1}")
     return dev
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,13 @@ import yaml
 from .._version import __version__
 from ..errors import CheckpointError
 from ..merging.patterns import exact_pattern
+from .input_files import open_input
+from .publish import output_error
 
 RECIPE = "modkern_recipe.yaml"
 RULE_KEYS = ("alpha", "include", "exclude", "precision", "strict", "dtype")
+# Recipe and config files are a few KB; a bigger file is not one (or is /dev/zero).
+MAX_TEXT = 10 * 1024 * 1024
 
 
 def sha256_file(path: Path) -> str:
@@ -31,25 +36,43 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def sha256_fd(fd: int, where: str) -> str:
+    """sha256 of an open file, read with positioned reads from its start."""
+    h, pos = hashlib.sha256(), 0
+    try:
+        while block := os.pread(fd, 1 << 20, pos):
+            h.update(block)
+            pos += len(block)
+    except OSError as err:
+        raise CheckpointError(f"{where}: cannot read: {err.strerror}") from None
+    return h.hexdigest()
+
+
 def describe_input(ckpt, copied: list[str], full_hash: bool) -> dict[str, Any]:
     """Path and content hashes of one input checkpoint.
 
     Weight files get their size and the sha256 of their safetensors header (names, dtypes,
     shapes, offsets): hashing every byte would read all of OTHER, which the merge avoids.
     With `full_hash`, the sha256 of each whole file instead. Small files (config,
-    tokenizer) always get a full sha256."""
+    tokenizer) always get a full sha256; they are read under the input-file rule
+    (input_files), like everything else of an input."""
     files: dict[str, Any] = {}
     for reader in ckpt.readers:
         entry: dict[str, Any] = {"bytes": reader.size}
         if full_hash:
-            entry["sha256"] = sha256_file(reader.path)
+            entry["sha256"] = sha256_fd(reader.fd, reader.where)
         else:
             entry["header_sha256"] = hashlib.sha256(reader.header_bytes).hexdigest()
         files[reader.path.name] = entry
     for name in copied:
-        path = ckpt.folder / name
-        if path.is_file():
-            files[name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        fd = open_input(ckpt.folder, name, ckpt.label)
+        if fd is None:
+            continue
+        try:
+            files[name] = {"bytes": os.fstat(fd).st_size,
+                           "sha256": sha256_fd(fd, f"{ckpt.label} {ckpt.folder / name}")}
+        finally:
+            os.close(fd)
     return {"path": str(ckpt.folder), "files": files}
 
 
@@ -67,36 +90,94 @@ def alpha_record(alpha, plan: dict[str, float]) -> Any:
 def write_recipe(folder: Path, recipe: dict[str, Any]) -> None:
     text = "# modkern merge recipe: rerun with `modkern merge BASE OTHER OUT --recipe THIS_FILE`\n"
     text += yaml.safe_dump(recipe, sort_keys=False, default_flow_style=False)
-    (folder / RECIPE).write_text(text, encoding="utf-8")
+    try:
+        (folder / RECIPE).write_text(text, encoding="utf-8")
+    except OSError as err:
+        raise output_error(folder / RECIPE, err, "write") from None
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error on one line: what is wrong, and where (PyYAML prints several lines)."""
+    problem = getattr(err, "problem", None) or getattr(err, "context", None)
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    text = problem or str(err)
+    if mark is not None:
+        text += f" at line {mark.line + 1} column {mark.column + 1}"
+    return " ".join(text.split())
+
+
+def read_text_file(path: Path, what: str, limit: int = MAX_TEXT) -> str:
+    """A small text file given by the user (a pipe such as `<(...)` works too); at most
+    `limit` bytes of UTF-8, else CheckpointError naming `what` and the file."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(limit + 1)
+    except OSError as err:
+        raise CheckpointError(f"{what} {path}: cannot read: {err.strerror}") from None
+    if len(raw) > limit:
+        raise CheckpointError(f"{what} {path}: larger than {limit} bytes; expected a small "
+                              "YAML/JSON file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise CheckpointError(f"{what} {path}: not UTF-8 text (byte {err.start}); expected a "
+                              "YAML/JSON file") from None
 
 
 def read_mapping(path: Path, what: str, expected: str) -> dict:
     """A YAML (or JSON) file that must hold a mapping; CheckpointError naming the file,
     `what` it is and the `expected` keys otherwise."""
+    text = read_text_file(path, what)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise CheckpointError(f"{what} {path}: cannot read: {err.strerror}") from None
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise CheckpointError(f"{what} {path}: not YAML/JSON ({err}); expected a mapping "
-                              f"with {expected}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{what} {path}: expected a mapping with {expected}; got "
-                              f"{type(data).__name__}")
-    return data
+        why = _yaml_problem(err)
+    except RecursionError:
+        why = "nested too deeply"
+    except ValueError as err:  # a value YAML accepts but Python cannot build (huge int, date)
+        why = " ".join(str(err).split(";")[0].split())
+    else:
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{what} {path}: expected a mapping with {expected}; got "
+                                  f"{type(data).__name__}")
+        return data
+    raise CheckpointError(f"{what} {path}: not YAML/JSON ({why}); expected a mapping with "
+                          f"{expected}")
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _is_patterns(x) -> bool:
+    return isinstance(x, str) or (isinstance(x, list) and all(isinstance(p, str) for p in x))
+
+
+# What each rule key of a recipe may hold: a check and the words for the error.
+_RULE_TYPES = {
+    "alpha": (lambda a: _is_number(a) or (isinstance(a, dict) and all(
+        isinstance(k, str) and _is_number(v) for k, v in a.items())),
+        "a number or a mapping of name pattern -> number"),
+    "include": (_is_patterns, "a name pattern or a list of name patterns"),
+    "exclude": (_is_patterns, "a name pattern or a list of name patterns"),
+    "precision": (lambda p: isinstance(p, str), "'exact' or 'reference'"),
+    "strict": (lambda b: isinstance(b, bool), "true or false"),
+    "dtype": (lambda d: isinstance(d, str), "a dtype name such as bfloat16"),
+}
 
 
 def load_rules(path: str | Path) -> dict[str, Any]:
     """The rule keys of a recipe file (YAML or JSON): alpha (float or pattern mapping),
-    include, exclude, precision, strict, dtype. Other keys are ignored."""
+    include, exclude, precision, strict, dtype. Other keys are ignored; a rule key of the
+    wrong type is a CheckpointError naming it and what it may hold (null means unset)."""
     path = Path(path)
     data = read_mapping(path, "recipe", "keys such as alpha, include, exclude")
-    rules = {k: data[k] for k in RULE_KEYS if k in data}
-    alpha = rules.get("alpha")
-    if isinstance(alpha, bool) or (alpha is not None and
-                                   not isinstance(alpha, (int, float, dict))):
-        raise CheckpointError(f"recipe {path}: alpha must be a number or a mapping of name "
-                              f"pattern -> number, got {alpha!r}")
+    rules = {k: data[k] for k in RULE_KEYS if data.get(k) is not None}
+    for key, value in rules.items():
+        ok, expected = _RULE_TYPES[key]
+        if not ok(value):
+            shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:80] + "..."
+            raise CheckpointError(f"recipe {path}: {key} must be {expected}, got {shown}")
     return rules
 
 

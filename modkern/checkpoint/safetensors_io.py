@@ -11,9 +11,10 @@ That is what lets a merge read the few percent of the other model that it select
 
 from __future__ import annotations
 
-import json
+import bisect
 import math
 import os
+import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from .input_files import check_input_file, open_checked, file_kind, parse_json
 
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 # Positioned reads in flight when reading scattered pages.
@@ -63,57 +65,107 @@ class TensorInfo:
         return torch.empty(self.shape, dtype=self.dtype, device="meta")
 
 
-def parse_header(path: Path, raw: bytes, file_size: int) -> tuple[dict[str, TensorInfo], dict]:
+# Element counts and byte sizes must fit torch's int64 stride arithmetic, even when another
+# dimension is 0 (torch computes strides of an empty tensor too).
+MAX_ELEMENTS = 2**63 - 1
+
+
+def _is_count(x) -> bool:
+    return type(x) is int and x >= 0  # bool is an int subclass: `true` is no dimension
+
+
+def _tensor_info(file: str, name: str, entry, data_start: int) -> TensorInfo:
+    """One header entry -> TensorInfo, or CheckpointError naming what is wrong with it."""
+    where = f"{file}: tensor {name!r}"
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise CheckpointError(f"{where}: corrupt header entry {_short(entry)}; expected an "
+                              "object with dtype, shape and data_offsets")
+    dtype_name, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
+        raise CheckpointError(f"{where}: unknown dtype {_short(dtype_name)}; expected one of "
+                              f"{sorted(DTYPES)}")
+    if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
+        raise CheckpointError(f"{where}: corrupt shape {_short(shape)}; expected a list of "
+                              "non-negative whole numbers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))
+            and offsets[0] <= offsets[1]):
+        raise CheckpointError(f"{where}: corrupt data_offsets {_short(offsets)}; expected "
+                              "[begin, end] with 0 <= begin <= end")
+    dtype = DTYPES[dtype_name]
+    if math.prod(max(d, 1) for d in shape) * dtype.itemsize > MAX_ELEMENTS:
+        raise CheckpointError(f"{where}: shape {_short(shape)} is too large for any tensor; "
+                              "expected a real tensor's shape")
+    begin, end = offsets
+    info = TensorInfo(name, dtype, tuple(shape), data_start + begin, end - begin)
+    if info.numel * info.itemsize != info.nbytes:
+        raise CheckpointError(f"{where}: data_offsets span {info.nbytes} bytes but "
+                              f"{dtype_name} {list(shape)} needs "
+                              f"{info.numel * info.itemsize}; the file is corrupt")
+    return info
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def parse_header(path: Path, raw: bytes, file_size: int, label: str = ""
+                 ) -> tuple[dict[str, TensorInfo], dict]:
     """Validate a safetensors header (the JSON after the 8-byte length) against the file
     size; return {name: TensorInfo} in file order and the `__metadata__` dict.
 
-    Raises CheckpointError naming the file and tensor for anything a reader could trip on:
-    bad JSON, unknown dtype, a byte length that does not match the shape, overlapping or
-    out-of-file offsets, a file shorter than its header says (truncated)."""
+    Raises CheckpointError naming the model (`label`), file and tensor for anything a
+    reader could trip on: bad JSON (also nested too deep, duplicated keys, NaN), unknown
+    dtype, a shape that is not a list of whole numbers or too large, a byte length that does
+    not match the shape, overlapping or out-of-file offsets, a file shorter than its header
+    says (truncated)."""
     data_start = 8 + len(raw)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: corrupt safetensors header (not JSON: {err}); "
-                              "expected a safetensors file") from None
+    file = f"{label} {path}" if label else str(path)
+    header = parse_json(raw, f"{file}: corrupt safetensors header",
+                        "a safetensors file (JSON header of tensor entries)", allow_nan=False)
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
-    infos: list[TensorInfo] = []
-    for name, entry in header.items():
-        where = f"{path}: tensor {name!r}"
-        try:
-            dtype_name, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-        except (TypeError, KeyError, ValueError):
-            raise CheckpointError(f"{where}: corrupt header entry {entry!r}; expected dtype, "
-                                  "shape and data_offsets") from None
-        if dtype_name not in DTYPES:
-            raise CheckpointError(f"{where}: unknown dtype {dtype_name!r}; expected one of "
-                                  f"{sorted(DTYPES)}")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
-                and isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
-            raise CheckpointError(f"{where}: corrupt shape {shape!r} or data_offsets "
-                                  f"{[begin, end]!r}")
-        dtype = DTYPES[dtype_name]
-        info = TensorInfo(name, dtype, tuple(shape), data_start + begin, end - begin)
-        if info.numel * info.itemsize != info.nbytes:
-            raise CheckpointError(f"{where}: data_offsets span {info.nbytes} bytes but "
-                                  f"{dtype_name} {list(shape)} needs "
-                                  f"{info.numel * info.itemsize}; the file is corrupt")
-        infos.append(info)
+        raise CheckpointError(f"{file}: corrupt safetensors header (a JSON "
+                              f"{type(header).__name__}); expected a JSON object")
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise CheckpointError(f"{file}: corrupt __metadata__ {_short(metadata)}; expected an "
+                              "object of strings")
+    infos = [_tensor_info(file, name, entry, data_start) for name, entry in header.items()]
     infos.sort(key=lambda i: (i.offset, i.nbytes))
     pos = data_start
     for info in infos:
         if info.offset < pos:
-            raise CheckpointError(f"{path}: tensor {info.name!r} overlaps the previous tensor "
+            raise CheckpointError(f"{file}: tensor {info.name!r} overlaps the previous tensor "
                                   "or the header; the file is corrupt")
         pos = info.offset + info.nbytes
     if pos > file_size:
         last = infos[-1].name if infos else "(header)"
-        raise CheckpointError(f"{path}: truncated: tensor {last!r} ends at byte {pos} but the "
+        raise CheckpointError(f"{file}: truncated: tensor {last!r} ends at byte {pos} but the "
                               f"file has {file_size} bytes; expected a complete safetensors "
                               "file (re-download or re-save it)")
     return {i.name: i for i in infos}, metadata
+
+
+def open_weight_file(path: Path, folder: Path | None, label: str = "") -> int:
+    """A read-only descriptor of the weight file `path`: a regular file, and when `folder`
+    is given one that resolves inside it (or its Hugging Face cache blob store), opened
+    without following a swapped-in symlink. CheckpointError naming the model and file
+    otherwise."""
+    where = f"{label} {path}" if label else str(path)
+    if folder is not None:
+        found = check_input_file(folder, path.name, label)
+        if found is None:
+            raise CheckpointError(f"{where}: missing; expected a safetensors file")
+        return open_checked(*found, where)
+    real = Path(os.path.realpath(path))
+    try:
+        st = os.stat(real, follow_symlinks=False)
+    except OSError as err:
+        raise CheckpointError(f"{where}: cannot open: {err.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{where}: is {file_kind(st.st_mode)}; expected a regular file")
+    return open_checked(real, st, where)
 
 
 class SafetensorsReader:
@@ -121,15 +173,18 @@ class SafetensorsReader:
 
     `pattern="sequential"` (the base model: read whole, in file order) or `"random"` (the
     other model: read a few pages here and there, so the kernel must not read ahead).
-    `bytes_read` counts every byte asked of the file, the header included."""
+    `bytes_read` counts every byte asked of the file, the header included. `label` names
+    the model in errors ("BASE"); with `folder`, the file must resolve inside that folder
+    (see input_files)."""
 
-    def __init__(self, path: str | os.PathLike, pattern: str = "sequential"):
+    def __init__(self, path: str | os.PathLike, pattern: str = "sequential", *,
+                 label: str = "", folder: str | os.PathLike | None = None):
         self.path = Path(path)
-        try:
-            self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError as err:
-            raise CheckpointError(f"{self.path}: cannot open: {err.strerror}") from None
+        self.where = f"{label} {self.path}" if label else str(self.path)
+        self.fd = open_weight_file(self.path, None if folder is None else Path(folder), label)
         self.bytes_read = 0
+        self.tensors: dict[str, TensorInfo] = {}
+        self._starts: list[int] = []
         self._lock = threading.Lock()
         try:
             self.size = os.fstat(self.fd).st_size
@@ -138,15 +193,19 @@ class SafetensorsReader:
                           else os.POSIX_FADV_SEQUENTIAL)
                 os.posix_fadvise(self.fd, 0, 0, advice)
             if self.size < 8:
-                raise CheckpointError(f"{self.path}: truncated: {self.size} bytes, expected a "
-                                      "safetensors file (8-byte header length, JSON header, data)")
+                raise CheckpointError(f"{self.where}: truncated: {self.size} bytes, expected "
+                                      "a safetensors file (8-byte header length, JSON header, "
+                                      "data)")
             n = int.from_bytes(self.pread(8, 0), "little")
             if n > MAX_HEADER or 8 + n > self.size:
-                raise CheckpointError(f"{self.path}: corrupt or truncated: header length {n} "
-                                      f"does not fit the file's {self.size} bytes; expected a "
+                raise CheckpointError(f"{self.where}: corrupt or truncated: header length {n} "
+                                      f"does not fit the file's {self.size} bytes (nor the "
+                                      f"format's limit of {MAX_HEADER}); expected a "
                                       "safetensors file")
             self.header_bytes = self.pread(n, 8)
-            self.tensors, self.metadata = parse_header(self.path, self.header_bytes, self.size)
+            self.tensors, self.metadata = parse_header(self.path, self.header_bytes, self.size,
+                                                       label)
+            self._starts = [i.offset for i in self.tensors.values()]
         except BaseException:
             os.close(self.fd)
             raise
@@ -162,23 +221,43 @@ class SafetensorsReader:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _what(self, offset: int) -> str:
+        """'tensor NAME' for the tensor whose bytes hold `offset`, or 'the header'."""
+        k = bisect.bisect_right(self._starts, offset) - 1
+        if k < 0:
+            return "the header"
+        return f"tensor {list(self.tensors)[k]!r}"
+
+    def _read_error(self, offset: int, wanted: int, got: int | OSError) -> CheckpointError:
+        if isinstance(got, OSError):
+            return CheckpointError(f"{self.where}: cannot read {self._what(offset)} at offset "
+                                   f"{offset}: {got.strerror}")
+        return CheckpointError(f"{self.where}: truncated while reading {self._what(offset)}: "
+                               f"wanted {wanted} bytes at offset {offset}, got {got}; "
+                               "expected the file as its header describes (was it changed "
+                               "or truncated during the merge?)")
+
     def pread(self, n: int, offset: int) -> bytes:
         """Exactly n bytes at offset, or CheckpointError (the file shrank under us)."""
-        data = os.pread(self.fd, n, offset)
+        try:
+            data = os.pread(self.fd, n, offset)
+        except OSError as err:
+            raise self._read_error(offset, n, err) from None
         self.bytes_read += len(data)
         if len(data) != n:
-            raise CheckpointError(f"{self.path}: truncated: wanted {n} bytes at offset "
-                                  f"{offset}, got {len(data)}")
+            raise self._read_error(offset, n, len(data))
         return data
 
     def _pread_into(self, view: memoryview, offset: int) -> None:
         """Fill `view` with its length in bytes from offset (thread-safe)."""
         done = 0
         while done < len(view):
-            got = os.preadv(self.fd, [view[done:]], offset + done)
+            try:
+                got = os.preadv(self.fd, [view[done:]], offset + done)
+            except OSError as err:
+                raise self._read_error(offset, len(view), err) from None
             if got <= 0:
-                raise CheckpointError(f"{self.path}: truncated: wanted {len(view)} bytes at "
-                                      f"offset {offset}, got {done}")
+                raise self._read_error(offset, len(view), done)
             done += got
         with self._lock:
             self.bytes_read += done

@@ -10,6 +10,7 @@ import math
 import os
 import re
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 
 from ..errors import CheckpointError
 from .folder import INDEX, SINGLE
+from .publish import output_error
 from .safetensors_io import DTYPE_NAMES
 
 
@@ -90,7 +92,19 @@ def write_index(folder: Path, shards: list[Shard]) -> None:
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(s.nbytes for s in shards)},
                  "weight_map": {t.name: s.file for s in shards for t in s.tensors}}
-        (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        try:
+            (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        except OSError as err:
+            raise output_error(folder / INDEX, err, "write") from None
+
+
+@contextmanager
+def _writing(path: Path):
+    """OSError while writing `path` (ENOSPC, EIO...) -> CheckpointError naming OUT."""
+    try:
+        yield
+    except OSError as err:
+        raise output_error(path, err, "write") from None
 
 
 def data_offsets(shards: list[Shard]) -> dict[str, tuple[int, int]]:
@@ -108,7 +122,7 @@ def preallocate(folder: Path, shards: list[Shard]) -> None:
     """Create every shard file at its final size: header written, data left to be filled
     (sparse) by PositionedWriter, possibly from several processes at once."""
     for s in shards:
-        with open(folder / s.file, "wb") as f:
+        with _writing(folder / s.file), open(folder / s.file, "wb") as f:
             f.write(s.header())
             f.truncate(len(s.header()) + s.nbytes)
             f.flush()
@@ -131,8 +145,9 @@ class PositionedWriter:
 
     def _fd(self, shard: int) -> int:
         if shard not in self._fds:
-            self._fds[shard] = os.open(self.folder / self.shards[shard].file,
-                                       os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+            path = self.folder / self.shards[shard].file
+            with _writing(path):
+                self._fds[shard] = os.open(path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
         return self._fds[shard]
 
     def write(self, name: str, tensor: torch.Tensor, row: int = 0) -> None:
@@ -153,21 +168,27 @@ class PositionedWriter:
         view = memoryview(data.view(torch.uint8).numpy()) if data.numel() else memoryview(b"")
         pos, fd = start + row * row_bytes, self._fd(shard)
         done = 0
-        while done < len(view):
-            done += os.pwrite(fd, view[done:], pos + done)
+        with _writing(self.folder / self.shards[shard].file):
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], pos + done)
         self.bytes_written += len(view)
 
     def finish(self) -> None:
         """Flush this process's writes to disk (fsync) and close its files."""
         try:
-            for fd in self._fds.values():
-                os.fsync(fd)
+            for shard, fd in self._fds.items():
+                with _writing(self.folder / self.shards[shard].file):
+                    os.fsync(fd)
         finally:
             self.abort()
 
     def abort(self) -> None:
+        """Close every file; never raises (it runs while another error is on its way)."""
         for fd in self._fds.values():
-            os.close(fd)
+            try:
+                os.close(fd)
+            except OSError:
+                pass
         self._fds.clear()
 
 
@@ -183,18 +204,25 @@ class ShardWriter:
         self._shard = -1
         self.bytes_written = 0
 
+    def _path(self, i: int) -> Path:
+        return self.folder / self.shards[i].file
+
     def _open(self, i: int) -> None:
         self._close()
-        self._file = open(self.folder / self.shards[i].file, "wb")
-        self._file.write(self.shards[i].header())
-        self._shard = i
+        with _writing(self._path(i)):
+            self._file = open(self._path(i), "wb")
+            self._shard = i
+            self._file.write(self.shards[i].header())
 
     def _close(self) -> None:
         if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            with _writing(self._path(self._shard)):
+                try:
+                    file.flush()
+                    os.fsync(file.fileno())
+                finally:
+                    _close_quietly(file)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append the next planned tensor (must come in plan order, with its dtype/shape)."""
@@ -208,7 +236,8 @@ class ShardWriter:
             self._open(i)
         data = tensor.detach().to("cpu").contiguous().view(-1)
         if data.numel():
-            self._file.write(memoryview(data.view(torch.uint8).numpy()))
+            with _writing(self._path(i)):
+                self._file.write(memoryview(data.view(torch.uint8).numpy()))
         self.bytes_written += planned.nbytes
         self._next += 1
 
@@ -224,9 +253,20 @@ class ShardWriter:
         write_index(self.folder, self.shards)
 
     def abort(self) -> None:
+        """Close the open shard without flushing what a full disk refused; never raises
+        (it runs while another error is on its way, and the folder is removed next)."""
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            _close_quietly(file)
+
+
+def _close_quietly(file) -> None:
+    """Close a buffered file even when flushing its buffer fails (the descriptor is closed
+    either way); the caller reports the write error it already has."""
+    try:
+        file.close()
+    except OSError:
+        pass
 
 
 class BackgroundWriter:
@@ -260,9 +300,12 @@ class BackgroundWriter:
             self._pool.shutdown()
 
     def abort(self) -> None:
+        """Stop writing; never raises (the caller's error is the one to report)."""
         try:
             self._wait()
         except BaseException:  # noqa: BLE001 - already failing; the first error wins
             pass
-        self._pool.shutdown()
-        self.writer.abort()
+        try:
+            self._pool.shutdown()
+        finally:
+            self.writer.abort()

@@ -21,8 +21,12 @@ import time
 from pathlib import Path
 
 from ..errors import CheckpointError
+from .arguments import seed, whole_number
 
 QUICK_ENV = "MODKERN_DEMO_QUICK"
+# Bounds on the counts: far above any useful run, below what exhausts threads or memory.
+MAX_THREADS = 1024
+MAX_COUNT = 10**6
 
 
 def _alphas(text: str) -> tuple[float, ...]:
@@ -33,16 +37,6 @@ def _alphas(text: str) -> tuple[float, ...]:
     if not values:
         raise argparse.ArgumentTypeError("give at least one alpha")
     return values
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
-    return value
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -60,15 +54,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="alphas for the merges and the mixture, comma-separated, each in "
                    "[0, 1]; alpha weighs the addition specialist A (default 0.1,0.3,0.5,0.7,0.9;"
                    " 0.1,0.5,0.9 with --quick)")
-    p.add_argument("--seed", type=int, default=0, help="seed of everything (default 0)")
-    p.add_argument("--threads", type=_positive, default=1,
+    p.add_argument("--seed", type=seed, default=0, help="seed of everything (default 0)")
+    p.add_argument("--threads", type=whole_number(1, MAX_THREADS), default=1,
                    help="torch CPU threads (default 1: these models are too small to gain "
                    "from more, and one thread gives the same numbers on every machine)")
-    p.add_argument("--pretrain-steps", type=_positive, default=None, metavar="N",
+    p.add_argument("--pretrain-steps", type=whole_number(1, MAX_COUNT), default=None, metavar="N",
                    help="training steps of the base on copying (default 300, 100 with --quick)")
-    p.add_argument("--finetune-steps", type=_positive, default=None, metavar="N",
+    p.add_argument("--finetune-steps", type=whole_number(1, MAX_COUNT), default=None, metavar="N",
                    help="training steps of each specialist (default 500, 300 with --quick)")
-    p.add_argument("--eval-examples", type=_positive, default=None, metavar="N",
+    p.add_argument("--eval-examples", type=whole_number(1, MAX_COUNT), default=None, metavar="N",
                    help="held-out prompts per task (default 200, 64 with --quick)")
     p.add_argument("--no-plot", action="store_true",
                    help="skip accuracy.png (it needs matplotlib: pip install 'modkern[demo]')")
@@ -76,6 +70,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _check_out(out: Path) -> None:
+    from ..checkpoint.out_folder import check_parent
+
+    check_parent(out.absolute(), "--out")
     if out.exists() and (not out.is_dir() or
                          (any(out.iterdir()) and not (out / "results.json").exists())):
         raise CheckpointError(f"--out {str(out)!r} exists and is not an earlier demo's output "

@@ -16,6 +16,7 @@ import signal
 import sys
 
 from ..errors import AlphaError, CheckpointError, ModkernError
+from . import one_line
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -129,6 +130,9 @@ def _merge_function(args: argparse.Namespace):
     if args.split_above is not None:
         options["split_above"] = parse_size(args.split_above)
     if args.dist_timeout is not None:
+        if not 0 < args.dist_timeout < 10**8:  # also NaN, which timedelta refuses
+            raise CheckpointError(f"--dist-timeout {args.dist_timeout}: expected a number of "
+                                  "seconds > 0")
         options["timeout_s"] = args.dist_timeout
     return merge_checkpoints_distributed, int(os.environ["RANK"]), options
 
@@ -148,9 +152,14 @@ def run(args: argparse.Namespace) -> int:
             # rank 0 prints it, once
         raise
     finally:
-        # torchrun sends SIGTERM to the other ranks when one fails: once this rank's merge
-        # has cleaned up, the process's own handling (plain termination for the CLI) holds.
-        signal.signal(signal.SIGTERM, previous)
+        # torchrun sends SIGTERM to the other ranks when one fails. Once this rank's merge
+        # has cleaned up, only its one line is left to print: a rank ignores SIGTERM from
+        # here, or the line could be lost (torchrun kills a rank that does not end soon);
+        # a plain run gets the process's own handling back.
+        from ..checkpoint.distributed import launched_by_torchrun
+
+        ranked = args.distributed or launched_by_torchrun()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN if ranked else previous)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -191,5 +200,5 @@ def _run(args: argparse.Namespace) -> int:
         progress=False if args.quiet else None, full_hash=args.full_hash,
         extra_recipe=extra, hooks=hooks_from_environment())  # tests' fault injection
     if not args.quiet and rank == 0:
-        print(f"modkern merge: {report.summary()}", file=sys.stdout)
+        print(f"modkern merge: {one_line(report.summary())}", file=sys.stdout)
     return 0
