@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from .._version import __version__
+from ..checks import VOCAB_MODES
 from ..errors import CheckpointError
 from ..merging.patterns import exact_pattern
 from .input_files import open_input
@@ -163,7 +164,7 @@ _RULE_TYPES = {
     "precision": (lambda p: isinstance(p, str), "'exact' or 'reference'"),
     "strict": (lambda b: isinstance(b, bool), "true or false"),
     "dtype": (lambda d: isinstance(d, str), "a dtype name such as bfloat16"),
-    "vocab": (lambda v: isinstance(v, str), "'strict' or 'common'"),
+    "vocab": (lambda v: v in VOCAB_MODES, "'strict' or 'common'"),
 }
 
 
