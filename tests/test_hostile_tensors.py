@@ -40,12 +40,15 @@ def same(a, b) -> bool:
 def forms(t1, t2, alpha, backend, in_place: bool):
     """(form name, call) for the forms that read t1 (out of place) or write it."""
     first1, first2 = base(64), other(64)
+    if isinstance(t1, torch.Tensor) and t1.is_cuda:
+        first1, first2 = first1.cuda(), first2.cuda()
     sd1, sd2 = {FIRST: first1, KEY: t1}, {FIRST: first2, KEY: t2}
     if not in_place:
         yield "mod_select", lambda: modkern.mod_select(t1, t2, alpha, backend=backend, name=KEY)
         dense = isinstance(t1, torch.Tensor) and not t1.is_nested and \
             t1.layout == torch.strided and t1.dtype.is_floating_point
-        out = torch.empty(t1.shape, dtype=t1.dtype) if dense else torch.empty(1)
+        out = torch.empty(t1.shape, dtype=t1.dtype, device=t1.device) if dense else \
+            torch.empty(1)
         yield "out=", lambda: modkern.mod_select(t1, t2, alpha, backend=backend, name=KEY,
                                                  out=out)
         yield "merge", lambda: modkern.merge_state_dicts(sd1, sd2, alpha, backend=backend)
@@ -79,8 +82,8 @@ def test_refused_tensor(name, in_place, backend):
 
 
 @pytest.mark.parametrize("name", sorted(WORKS))
-def test_works_like_the_oracle(name, backend):
-    t1, t2 = WORKS[name].build()
+def test_works_like_the_oracle(name, backend, device):
+    t1, t2 = (t.to(device) for t in WORKS[name].build())
     expected = oracle_select(t1, t2, 0.9)
     writable = t1.numel() <= 1 or 0 not in t1.stride()
     for in_place in (False, True) if writable else (False,):
@@ -90,7 +93,7 @@ def test_works_like_the_oracle(name, backend):
             assert_bits_equal(got, expected, f"{name} {form}")
 
 
-def test_expanded_t2_is_read_only_where_selected(backend, monkeypatch):
+def test_expanded_t2_is_read_only_where_selected(backend, device, monkeypatch):
     """An expanded t2 (stride 0) is not materialized: model 2 is read at the selected
     elements only, on every engine (small tensors packed on Triton are copied whole)."""
     from modkern.ops.select_source import TensorSource
@@ -102,8 +105,8 @@ def test_expanded_t2_is_read_only_where_selected(backend, monkeypatch):
         return read(self, flat_idx)
 
     monkeypatch.setattr(TensorSource, "read", counted)
-    t1 = base(3 * 4096 + 5).view(-1, 1).expand(-1, 7)[:, 0]  # any strides, t1 too
-    t2 = torch.tensor([2.5]).expand(t1.shape)
+    t1 = base(3 * 4096 + 5).to(device).view(-1, 1).expand(-1, 7)[:, 0]  # t1 strided too
+    t2 = torch.tensor([2.5], device=device).expand(t1.shape)
     expected = oracle_select(t1, t2, 0.97)
     taken = int((expected != t1).sum())
     assert 0 < taken < t1.numel() // 10
@@ -113,13 +116,14 @@ def test_expanded_t2_is_read_only_where_selected(backend, monkeypatch):
 
 # ---- autograd: merges are data updates ----------------------------------------------------
 
-def test_out_of_place_results_are_plain_tensors(backend):
-    t1 = torch.nn.Parameter(base())
-    t2 = other().requires_grad_()
+def test_out_of_place_results_are_plain_tensors(backend, device):
+    t1 = torch.nn.Parameter(base().to(device))
+    t2 = other().to(device).requires_grad_()
     expected = oracle_select(t1, t2, 0.9)
     results = {
         "mod_select": modkern.mod_select(t1, t2, 0.9, backend=backend),
-        "out=": modkern.mod_select(t1, t2, 0.9, backend=backend, out=torch.empty(t1.shape)),
+        "out=": modkern.mod_select(t1, t2, 0.9, backend=backend,
+                                   out=torch.empty(t1.shape, device=device)),
         "merge": modkern.merge_state_dicts({KEY: t1}, {KEY: t2}, 0.9, backend=backend)[KEY],
     }
     for form, got in results.items():
@@ -129,11 +133,11 @@ def test_out_of_place_results_are_plain_tensors(backend):
     assert t1.grad is None and t2.grad is None
 
 
-def test_in_place_into_parameters_is_a_data_update(backend):
-    layer = torch.nn.Linear(64, 64)
+def test_in_place_into_parameters_is_a_data_update(backend, device):
+    layer = torch.nn.Linear(64, 64).to(device)
     with torch.no_grad():
         layer.weight.copy_(base(4096).view(64, 64))
-    sd2 = {"weight": other(4096).view(64, 64), "bias": other(64)}
+    sd2 = {"weight": other(4096).view(64, 64).to(device), "bias": other(64).to(device)}
     expected = {k: oracle_select(p, sd2[k], 0.9) for k, p in layer.named_parameters()}
     params = dict(layer.named_parameters())
     out = modkern.merge_state_dicts(params, sd2, 0.9, inplace=True, backend=backend)
@@ -141,31 +145,31 @@ def test_in_place_into_parameters_is_a_data_update(backend):
         assert out[k] is p and isinstance(p, torch.nn.Parameter) and p.requires_grad, k
         assert p.grad_fn is None and p.grad is None, k
         assert_bits_equal(p, expected[k], k)
-    layer(torch.ones(1, 64)).sum().backward()  # autograd still works on the merged layer
-    assert torch.equal(layer.bias.grad, torch.ones(64))
-    w = torch.nn.Parameter(base())
-    assert modkern.mod_select_(w, other(), 0.9, backend=backend) is w
+    layer(torch.ones(1, 64, device=device)).sum().backward()  # autograd still works
+    assert torch.equal(layer.bias.grad, torch.ones(64, device=device))
+    w = torch.nn.Parameter(base().to(device))
+    assert modkern.mod_select_(w, other().to(device), 0.9, backend=backend) is w
     assert_bits_equal(w, oracle_select(base(), other(), 0.9), "mod_select_")
 
 
-def test_in_place_into_inference_tensors(backend):
+def test_in_place_into_inference_tensors(backend, device):
     with torch.inference_mode():
-        t1, sd1 = base(), {KEY: base()}
-    t2 = other()
+        t1, sd1 = base().to(device), {KEY: base().to(device)}
+    t2 = other().to(device)
     expected = oracle_select(base(), t2, 0.9)
     assert_bits_equal(modkern.mod_select_(t1, t2, 0.9, backend=backend), expected, "_")
     modkern.merge_state_dicts(sd1, {KEY: t2}, 0.9, inplace=True, backend=backend)
     assert_bits_equal(sd1[KEY], expected, "merge inplace")
     with torch.inference_mode():
-        out = torch.empty(t2.shape)
-    assert_bits_equal(modkern.mod_select(base(), t2, 0.9, out=out, backend=backend),
+        out = torch.empty(t2.shape, device=device)
+    assert_bits_equal(modkern.mod_select(base().to(device), t2, 0.9, out=out, backend=backend),
                       expected, "out=")
 
 
 # ---- memory shared between the tensors --------------------------------------------------
 
-def test_in_place_with_t2_a_view_of_t1(backend):
-    w = base(4096).view(64, 64)
+def test_in_place_with_t2_a_view_of_t1(backend, device):
+    w = base(4096).view(64, 64).to(device)
     expected = oracle_select(w, w.t(), 0.5)
     x = w.clone()
     modkern.mod_select_(x, x.t(), 0.5, backend=backend)
@@ -178,23 +182,23 @@ def test_in_place_with_t2_a_view_of_t1(backend):
     assert_bits_equal(z, w, "merged with itself")
 
 
-def test_out_sharing_memory_with_t1_or_t2(backend):
-    buf = torch.cat([base(), other()[:1]])
-    t1, t2 = base(), buf[1:]
+def test_out_sharing_memory_with_t1_or_t2(backend, device):
+    buf = torch.cat([base(), other()[:1]]).to(device)
+    t1, t2 = base().to(device), buf[1:]
     expected = oracle_select(t1, t2.clone(), 0.5)
     got = modkern.mod_select(t1, t2, 0.5, out=buf[:-1], backend=backend)
     assert got.data_ptr() == buf.data_ptr()
     assert_bits_equal(got, expected, "out overlapping t2")
-    sq = base(4096).view(64, 64)
-    expected = oracle_select(sq, other(4096).view(64, 64), 0.5)
+    sq, o = base(4096).view(64, 64).to(device), other(4096).view(64, 64).to(device)
+    expected = oracle_select(sq, o, 0.5)
     x = sq.clone()
-    got = modkern.mod_select(x, other(4096).view(64, 64), 0.5, out=x.t(), backend=backend)
+    got = modkern.mod_select(x, o, 0.5, out=x.t(), backend=backend)
     assert got.data_ptr() == x.data_ptr()
     assert_bits_equal(x.t(), expected, "out = t1's transpose")
 
 
-def test_in_place_state_dicts_sharing_memory_across_keys(backend):
-    mem = base(3 * 4096).view(3, 64, 64)
+def test_in_place_state_dicts_sharing_memory_across_keys(backend, device):
+    mem = base(3 * 4096).view(3, 64, 64).to(device)
     sd1 = {"a": mem[0], "b": mem[1]}
     sd2 = {"a": mem[1].t(), "b": mem[0]}  # model 2 reads what model 1's merge writes
     expected = modkern.merge_state_dicts(sd1, {k: v.clone() for k, v in sd2.items()}, 0.5)

@@ -24,12 +24,12 @@ def small_batches(monkeypatch):
     monkeypatch.setattr(units, "BATCH_MAX", SMALL)
 
 
-def model(seed: int, tied: bool = True) -> dict[str, torch.Tensor]:
+def model(seed: int, tied: bool = True, device: str = "cpu") -> dict[str, torch.Tensor]:
     """Large tensors (merged one by one), small ones (packed on Triton), a tied pair."""
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape, dtype=torch.float32):
-        return (torch.randn(shape, generator=g, dtype=torch.float64) * 0.02).to(dtype)
+        return (torch.randn(shape, generator=g, dtype=torch.float64) * 0.02).to(dtype).to(device)
 
     embed = rnd(40, 64)
     return {"embed.weight": embed,
@@ -58,8 +58,8 @@ def plant(sd1, sd2, key: str, which: str, value: float) -> None:
 
 @pytest.mark.parametrize("key, which", PLANTS)
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
-def test_a_merge_that_raises_writes_nothing(key, which, bad, backend):
-    sd1, sd2 = model(1), model(2)
+def test_a_merge_that_raises_writes_nothing(key, which, bad, backend, device):
+    sd1, sd2 = model(1, device=device), model(2, device=device)
     plant(sd1, sd2, key, which, bad)
     before = {k: v.clone() for k, v in sd1.items()}
     stats = MergeStats()
@@ -74,8 +74,8 @@ def test_a_merge_that_raises_writes_nothing(key, which, bad, backend):
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_a_merge_that_succeeds_equals_out_of_place(tied, backend):
-    sd1, sd2 = model(3, tied), model(4, tied)
+def test_a_merge_that_succeeds_equals_out_of_place(tied, backend, device):
+    sd1, sd2 = model(3, tied, device), model(4, tied, device)
     expected = modkern.merge_state_dicts(sd1, sd2, 0.8, backend=backend)
     for k in sd1:
         assert_bits_equal(expected[k], oracle_select(sd1[k], sd2[k], 0.8), k)
@@ -90,8 +90,8 @@ def test_a_merge_that_succeeds_equals_out_of_place(tied, backend):
     assert stats.tensors_merged == len(sd1) - tied
 
 
-def test_a_later_bad_value_not_taken_is_harmless(backend):
-    sd1, sd2 = model(5), model(6)
+def test_a_later_bad_value_not_taken_is_harmless(backend, device):
+    sd1, sd2 = model(5, device=device), model(6, device=device)
     low = int(sd1["final.weight"].argmin())  # model 1's minimum: never taken at alpha > 0
     sd2["final.weight"].view(-1)[low] = math.nan
     expected = modkern.merge_state_dicts(sd1, sd2, 0.99, backend=backend)

@@ -18,11 +18,12 @@ import modkern
 from modkern import CheckpointError, OptionError, ShapeMismatchError
 from oracle_select import assert_bits_equal, oracle_select
 
-def model(seed: int, rows: int, tied: bool = False, dtype=torch.bfloat16) -> dict:
+def model(seed: int, rows: int, tied: bool = False, device: str = "cpu") -> dict:
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape):
-        return (torch.randn(shape, generator=g, dtype=torch.float64) * 0.02).to(dtype)
+        return (torch.randn(shape, generator=g, dtype=torch.float64) * 0.02).to(
+            torch.bfloat16).to(device)
 
     embed = rnd(rows, 24)
     return {"model.embed_tokens.weight": embed,
@@ -48,8 +49,8 @@ def check_common(out: dict, sd1: dict, sd2: dict, alpha: float) -> None:
 
 @pytest.mark.parametrize("rows1, rows2", [(152, 150), (150, 152), (150, 0)])
 @pytest.mark.parametrize("inplace", [False, True])
-def test_state_dicts(rows1, rows2, inplace, backend):
-    sd1, sd2 = model(1, rows1), model(2, rows2)
+def test_state_dicts(rows1, rows2, inplace, backend, device):
+    sd1, sd2 = model(1, rows1, device=device), model(2, rows2, device=device)
     if rows1 > rows2:  # a huge value in model 1's extra rows: not part of the min/max
         sd1["model.embed_tokens.weight"][-1, 0] = 1e3
     before = {k: v.clone() for k, v in sd1.items()}
@@ -62,8 +63,8 @@ def test_state_dicts(rows1, rows2, inplace, backend):
     assert stats.elements_merged == 40 * 24 + 24 + common * (24 + 24 + 1)
 
 
-def test_tied_in_place(backend):
-    sd1, sd2 = model(3, 160, tied=True), model(4, 151, tied=True)
+def test_tied_in_place(backend, device):
+    sd1, sd2 = model(3, 160, True, device), model(4, 151, True, device)
     expected = modkern.merge_state_dicts(sd1, sd2, 0.8, vocab="common", backend=backend)
     check_common(expected, sd1, sd2, 0.8)
     out = modkern.merge_state_dicts(sd1, sd2, 0.8, vocab="common", inplace=True,

@@ -74,17 +74,25 @@ def merge_state_dicts(sd1: Mapping[str, torch.Tensor], sd2: Mapping[str, torch.T
     units = make_units(sd1, sd2, plan, backend)
     stats = stats if stats is not None else MergeStats()
     merged_before = stats.tensors_merged
-    with write_mode([sd1[name] for name in plan] if inplace else []):
-        if inplace:
+    if inplace:
+        with write_mode([u.t1 for u in units]):
             merge_inplace(units, precision, stats)
-        else:
-            outputs = with_outputs(units, sd1)
-            for u in units:
-                if not u.packed:
-                    stats.add(u.name, run_single(u, precision))
-            for group in batches(units):
-                run_batch(group, [u.dst for u in group], precision, stats)
+    else:
+        outputs = _merge_out_of_place(units, sd1, precision, stats)
     stats.carry(len(sd1) - (stats.tensors_merged - merged_before))
     if inplace:
         return sd1  # type: ignore[return-value]
     return {name: outputs.get(name, t1) for name, t1 in sd1.items()}
+
+
+@torch.no_grad()
+def _merge_out_of_place(units: list, sd1: Mapping[str, torch.Tensor], precision: str,
+                        stats: MergeStats) -> dict[str, torch.Tensor]:
+    """Every unit into a new tensor (plain: no autograd history); name -> new tensor."""
+    outputs = with_outputs(units, sd1)
+    for u in units:
+        if not u.packed:
+            stats.add(u.name, run_single(u, precision))
+    for group in batches(units):
+        run_batch(group, [u.dst for u in group], precision, stats)
+    return outputs
