@@ -131,6 +131,10 @@ def test_out_of_place_results_are_plain_tensors(backend, device):
         assert type(got) is torch.Tensor, form
         assert_bits_equal(got, expected, form)
     assert t1.grad is None and t2.grad is None
+    out = torch.zeros(t1.shape, device=device, requires_grad=True)  # the caller's own flags
+    assert modkern.mod_select(t1, t2, 0.9, backend=backend, out=out) is out
+    assert out.requires_grad and out.grad_fn is None
+    assert_bits_equal(out, expected, "out= that requires grad")
 
 
 def test_in_place_into_parameters_is_a_data_update(backend, device):
