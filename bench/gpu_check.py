@@ -44,7 +44,8 @@ CUDA_TESTS = ["tests/test_select_oracle.py", "tests/test_select_handworked.py",
               "tests/test_select_errors.py", "tests/test_select_properties.py",
               "tests/test_merge_batched.py", "tests/test_merge_state_dicts.py",
               "tests/test_mix_logits.py", "tests/test_mix_logits_grad.py",
-              "tests/test_mix_logits_kernels.py", "tests/test_gpu_paths.py"]
+              "tests/test_mix_logits_kernels.py", "tests/test_gpu_paths.py",
+              "tests/test_hostile_tensors.py", "tests/test_merge_inplace_atomic.py"]
 # Left out (node id prefixes): the PTX-only compile check (a GPU compiles for real), and the
 # Triton variants of three tests that build CPU tensors: with a GPU present the interpreter is
 # off, so backend="triton" on CPU tensors is refused, as it should be. Their device

@@ -25,7 +25,9 @@ class ShapeMismatchError(ModkernError, ValueError):
 
 
 class DTypeError(ModkernError, TypeError):
-    """A tensor of the wrong dtype kind (e.g. integer where floating point is needed)."""
+    """A tensor (or argument) of the wrong kind: its dtype (integer, bool, complex, float8 or
+    quantized where floating point is needed), its layout (sparse, nested), no data (meta),
+    an in-place target whose elements share memory, a state dict that is not one."""
 
 
 class NonFiniteError(ModkernError, ValueError):

@@ -11,7 +11,9 @@ with transformers from small configs (random weights, N(0, 0.02) init), plus hel
 from __future__ import annotations
 
 import glob
+import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -86,6 +88,24 @@ def load_folder(folder: Path) -> dict[str, torch.Tensor]:
     for f in files:
         sd.update(load_file(f))
     return sd
+
+
+def padded(src: Path, dst: Path, rows: int, seed: int = 9) -> Path:
+    """A copy of the checkpoint `src` with embed_tokens and lm_head padded to `rows` rows
+    (random N(0, 0.02) rows, as padding is initialized) and config.json's vocab_size too."""
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(src, dst)
+    g = torch.Generator().manual_seed(seed)
+    for f in dst.glob("*.safetensors"):
+        sd = load_file(str(f))
+        for k in [k for k in sd if k in ("model.embed_tokens.weight", "lm_head.weight")]:
+            t = sd[k]
+            extra = torch.randn((rows - t.shape[0], *t.shape[1:]), generator=g) * 0.02
+            sd[k] = torch.cat([t, extra.to(t.dtype)])
+        save_file(sd, str(f), metadata={"format": "pt"})
+    config = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps(config | {"vocab_size": rows}))
+    return dst
 
 
 def run_cli(*args: str, env: dict | None = None, **kw):

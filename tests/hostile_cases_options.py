@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 
-from hostile_cases import Case, Env, case, merge_case, outside_file, table, toy
+import torch
+from hostile_cases import Case, Env, case, merge_case, outside_file, table, toy, toy_tensors
+from safetensors.torch import save_file
 
 # ---- merge options ----------------------------------------------------------------------
 
@@ -126,6 +128,63 @@ def _(env: Env):
                                "weights": [True, False]}))
     c.argv = ["merge", "--config", str(cfg), str(out)]
     return c
+
+
+# ---- vocabularies of different widths (--vocab) ---------------------------------------------
+
+def _padded_case(env: Env, *extra: str, expect: tuple[str, ...], other_rows: int = 8,
+                 config_vocab: tuple[int, int] | None = None) -> Case:
+    """BASE's a.weight has 10 rows (a padded vocabulary), OTHER's `other_rows`."""
+    base = toy(env.tmp / "base", 0, rows=10)
+    other = toy(env.tmp / "other", 1, 2, rows=other_rows)
+    for folder, vocab in zip((base, other), config_vocab or ()):
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps(config | {"vocab_size": vocab}))
+    out = env.tmp / "out"
+    return Case(["merge", str(base), str(other), str(out), "--alpha", "0.9", *extra], expect,
+                (base, other), out)
+
+
+@case("options", "vocab-rows-differ-without-the-option")
+def _(env: Env):
+    return _padded_case(env, expect=("'a.weight'", "shapes differ", "[10, 16]", "[8, 16]",
+                                      "--vocab common"))
+
+
+@case("options", "vocab-size-differs-without-the-option")
+def _(env: Env):
+    return _padded_case(env, expect=("config.json", "vocab_size differs", "10", "8",
+                                      "--vocab common"), config_vocab=(10, 8))
+
+
+@case("options", "vocab-common-but-columns-differ")
+def _(env: Env):
+    c = _padded_case(env, "--vocab", "common", expect=("'b.weight'", "shapes differ",
+                                                       "[16, 16]", "[16, 15]"))
+    other = c.inputs[1]
+    sd = {"a.weight": toy_tensors(1)["a.weight"], "b.weight": torch.zeros(16, 15),
+          "c.bias": torch.zeros(16)}
+    for f in other.glob("*.safetensors"):
+        f.unlink()
+    (other / "model.safetensors.index.json").unlink()
+    save_file(sd, str(other / "model.safetensors"))
+    return c
+
+
+@case("options", "vocab-bogus")
+def _(env: Env):
+    return merge_case(env, "--vocab", "padded", expect=("--vocab", "invalid choice",
+                                                        "'padded'"))[0]
+
+
+@case("options", "recipe-vocab-is-a-number")
+def _(env: Env):
+    return _recipe_case(env, "alpha: 0.9\nvocab: 5\n", "vocab must be", "'common'")
+
+
+@case("options", "recipe-vocab-bogus")
+def _(env: Env):
+    return _recipe_case(env, "alpha: 0.9\nvocab: padded\n", "vocab must be", "'padded'")
 
 
 # ---- modkern generate ----------------------------------------------------------------------

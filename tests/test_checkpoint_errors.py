@@ -210,3 +210,32 @@ def test_failure_mid_merge_keeps_previous_out(ckpts, tmp_path):
         merge_checkpoints(ckpts["llama_a"], other, out, 0.0, force=True, progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     _assert_nothing_written(tmp_path, {"out", "other"})
+
+
+class _BytesPath:
+    def __fspath__(self):
+        return b"/tmp"
+
+
+class _BrokenPath:
+    def __fspath__(self):
+        raise OSError("no path today")
+
+
+@pytest.mark.parametrize("which", ["BASE", "OTHER", "OUT"])
+@pytest.mark.parametrize("bad, fragment", [
+    ("with\0nul", "contains a NUL byte"), (b"bytes", "a bytes path"), (None, "a NoneType"),
+    (3, "a int"), ("", "an empty path"), (["a"], "a list"), (_BytesPath(), "a bytes path"),
+    (_BrokenPath(), "__fspath__ failed"),
+])
+def test_path_arguments_of_the_wrong_kind(ckpts, tmp_path, which, bad, fragment):
+    """Every path of the Python checkpoint API: one CheckpointError naming it, nothing
+    written (a number would otherwise be taken for an open file descriptor)."""
+    paths = {"BASE": ckpts["qwen_a"], "OTHER": ckpts["qwen_b"], "OUT": tmp_path / "out"}
+    paths[which] = bad
+    with pytest.raises(CheckpointError) as e:
+        merge_checkpoints(paths["BASE"], paths["OTHER"], paths["OUT"], 0.9, progress=False)
+    msg = str(e.value)
+    assert msg.startswith(which) and fragment in msg and "expected" in msg, msg
+    assert "\n" not in msg and "\0" not in msg
+    _assert_nothing_written(tmp_path, set())

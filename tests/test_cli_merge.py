@@ -204,5 +204,6 @@ def test_help_lists_every_option():
     r = run_cli("merge", "--help")
     assert r.returncode == 0
     for opt in ("--alpha", "--config", "--recipe", "--include", "--exclude", "--no-strict",
-                "--precision", "--device", "--dtype", "--max-shard-size", "--force", "--quiet"):
+                "--precision", "--vocab", "--device", "--dtype", "--max-shard-size", "--force",
+                "--quiet"):
         assert opt in r.stdout

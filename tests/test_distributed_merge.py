@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _checkpoints import ROOT, ckpts, load_folder, run_cli  # noqa: F401  (session fixture)
+from _checkpoints import ROOT, ckpts, load_folder, padded, run_cli  # noqa: F401
 
 from modkern.checkpoint.merge import merge_checkpoints
 from modkern.checkpoint.job import open_merge
@@ -153,6 +153,22 @@ def test_equals_merge_state_dicts(ckpts, tmp_path):
     assert set(got) == set(expected)
     for k, t in expected.items():
         assert got[k].dtype == t.dtype and torch.equal(got[k], t), k
+
+
+def test_vocab_common_with_padded_rows_split_over_ranks(ckpts, tmp_path):
+    """--vocab common, every tensor split by rows over 3 ranks: the padded embed_tokens and
+    lm_head (200 rows, 128 common) give one rank a block across the boundary and one a
+    block of BASE's extra rows only. Byte for byte the single-process merge."""
+    base = padded(ckpts["llama_a"], tmp_path / "padded", 200)
+    options = ["--alpha", "0.8", "--vocab", "common", "--quiet"]
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    r1 = run_cli("merge", base, ckpts["llama_b"], single, *options)
+    assert r1.returncode == 0, r1.stderr
+    r = torchrun(3, base, ckpts["llama_b"], multi, *options, "--split-above", "1")
+    assert r.returncode == 0, r.stderr
+    assert _weights(multi) == _weights(single)
+    got, sd1 = load_folder(multi), load_folder(base)
+    assert torch.equal(got["lm_head.weight"][128:], sd1["lm_head.weight"][128:])
 
 
 _API = """

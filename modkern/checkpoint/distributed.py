@@ -231,7 +231,7 @@ def _merge_rows(group: Group, job: MergeJob, part: Part, writer: BackgroundWrite
     info = job.ck1.info(name)
     first = a * (info.numel // info.shape[0])  # flat index of the block's first element
     merged = name in job.plan
-    block = select = None
+    block = select = on_device = None
     # [-min, max, failed] of this block: one MAX all_reduce gives the tensor's min and max
     # and whether any rank failed (float64 holds every value of the narrower dtypes exactly).
     local = torch.tensor([-float("inf"), -float("inf"), 0.0], dtype=torch.float64)
@@ -240,8 +240,11 @@ def _merge_rows(group: Group, job: MergeJob, part: Part, writer: BackgroundWrite
             block = torch.empty((b - a, *info.shape[1:]), dtype=info.dtype)
             if block.numel():
                 job.ck1.where[name].read_into(block, info.offset + first * info.itemsize)
-            if merged:
-                select = FlatSelect(job.on_device(block), job.engine, job.context(name, first))
+            if merged:  # the block's elements that are merged (vocab="common": the
+                # common rows), the rest kept as read
+                on_device = job.on_device(block)
+                part = on_device[:max(0, min(job.merged_numel(name) - first, block.numel()))]
+                select = FlatSelect(part, job.engine, job.context(name, first))
                 mn, mx = select.bounds()
                 local[0], local[1] = -mn.double().cpu(), mx.double().cpu()
         except BaseException as e:  # noqa: BLE001 - reported after the all_reduce
@@ -258,7 +261,7 @@ def _merge_rows(group: Group, job: MergeJob, part: Part, writer: BackgroundWrite
             mn, mx = (-local[0]).to(info.dtype), local[1].to(info.dtype)
             result = select.apply(mn, mx, job.plan[name], job.options.precision,
                                   job.source(name, first))
-            block = select.dst.cpu().view(block.shape)
+            block = on_device.cpu().view(block.shape)
             report.add(name, result, whole=a == 0 < b)  # a tensor is counted by one rank
         else:
             report.carry(a == 0 < b)

@@ -227,9 +227,15 @@ def read_config(folder: Path, label: str) -> dict:
     return config
 
 
-def check_configs(c1: dict, c2: dict, base: Path, other: Path) -> None:
+def check_configs(c1: dict, c2: dict, base: Path, other: Path, vocab: str = "strict") -> None:
+    """CheckpointError when the models' config.json differ in a key of ARCH_KEYS;
+    vocab_size may differ with vocab="common" (the output keeps BASE's config)."""
     for key in ARCH_KEYS:
         if key in c1 and key in c2 and c1[key] != c2[key]:
+            if key == "vocab_size" and vocab == "common":
+                continue
+            hint = (" (if only the vocabulary's padded rows differ, pass --vocab common / "
+                    "vocab=\"common\")" if key == "vocab_size" else "")
             raise CheckpointError(f"config.json: {key} differs: BASE {base} has {c1[key]!r}, "
                                   f"OTHER {other} has {c2[key]!r}; expected the same "
-                                  "architecture and shapes")
+                                  f"architecture and shapes{hint}")

@@ -24,7 +24,7 @@ from ..ops.select_pipeline import select_flat
 from ..ops.select_source import ReaderSource
 from . import publish, recipe as recipe_io
 from .folder import Checkpoint, check_configs
-from .options import MergeOptions
+from .options import MergeOptions, parse_path
 from .out_folder import (COPIED, check_out_path, check_space, copy_base_files, out_path,
                          write_file)
 from .report import MergeReport
@@ -79,11 +79,20 @@ class MergeJob:
             report.carry()
             return self.cast(t1)
         flat = self.on_device(t1)
-        result = select_flat(flat, self.source(name), self.plan[name],
-                             precision=self.options.precision, engine=self.engine,
-                             context=self.context(name))
+        result = select_flat(flat[:self.merged_numel(name)], self.source(name),
+                             self.plan[name], precision=self.options.precision,
+                             engine=self.engine, context=self.context(name))
         report.add(name, result)
         return self.cast(flat.view(t1.shape).cpu())
+
+    def merged_numel(self, name: str) -> int:
+        """How many leading elements of BASE's tensor `name` are merged: all of them, or
+        with vocab="common" those of the rows OTHER has too (BASE's further rows are kept);
+        the flat index of an element is the same in both files."""
+        i1, i2 = self.ck1.info(name), self.ck2.info(name)
+        if i1.shape == i2.shape:
+            return i1.numel
+        return min(i1.shape[0], i2.shape[0]) * (i1.numel // max(i1.shape[0], 1))
 
     def finish_folder(self, tmp: Path, report: MergeReport) -> None:
         """Everything but the weights: config and tokenizer from BASE, the recipe, the
@@ -121,6 +130,7 @@ def recipe_record(job: MergeJob, report: MergeReport, inputs: dict) -> dict:
         "exclude": exclude,
         "precision": options.precision,
         "strict": options.strict,
+        "vocab": options.vocab,
         "dtype": None if options.dtype is None else str(options.dtype).removeprefix("torch."),
         "max_shard_size": options.max_shard_size,
         "hashes": "sha256 of whole files" if options.full_hash else
@@ -128,6 +138,10 @@ def recipe_record(job: MergeJob, report: MergeReport, inputs: dict) -> dict:
         "result": {k: v for k, v in asdict(report).items()
                    if k not in ("out", "taken_by_key", "seconds")},
     }
+    common = {n: min(job.ck1.info(n).shape[0], job.ck2.info(n).shape[0]) for n in job.plan
+              if job.ck1.info(n).shape != job.ck2.info(n).shape}
+    if common:  # vocab="common": the rows merged, BASE's further rows kept as they were
+        record["common_rows"] = common
     if options.extra_recipe:
         record["source"] = dict(options.extra_recipe)
     return record
@@ -139,14 +153,15 @@ def open_merge(base: str | os.PathLike, other: str | os.PathLike, out: str | os.
     """Check everything that can be checked without tensor data (folders, headers, keys,
     shapes, dtypes, alpha per tensor, output path, disk space; the options were checked
     when made), plan the output shards, and yield a MergeJob with both checkpoints open."""
-    base_p, other_p = Path(base).absolute(), Path(other).absolute()
-    out_p = out_path(out)
+    base_p = parse_path(base, "BASE").absolute()
+    other_p = parse_path(other, "OTHER").absolute()
+    out_p = out_path(parse_path(out, "OUT"))
     publish.remove_stale(out_p)  # first: it may restore the OUT a killed swap left aside
     check_out_path(base_p.resolve(), other_p.resolve(), out_p.resolve(), options.force)
 
     with Checkpoint(base_p, "BASE", "sequential") as ck1, \
             Checkpoint(other_p, "OTHER", "random") as ck2:
-        check_configs(ck1.config(), ck2.config(), base_p, other_p)
+        check_configs(ck1.config(), ck2.config(), base_p, other_p, options.vocab)
         plan = _plan(ck1, ck2, options)
         out_dtype = options.dtype
         planned = [PlannedTensor(n, out_dtype if out_dtype is not None and
@@ -177,5 +192,5 @@ def _plan(ck1: Checkpoint, ck2: Checkpoint, options: MergeOptions) -> dict[str, 
         return tensor_context(ck1, ck2, name)
 
     names = names_to_merge(sd1, sd2, name_filter(options.include, options.exclude),
-                           context_of)
+                           context_of, need_data=False, vocab=options.vocab)
     return alphas(options.alpha, names, context_of)

@@ -49,6 +49,10 @@ def merge_checkpoints(base: str | os.PathLike, other: str | os.PathLike,
         strict (True): raise if the models' tensor names differ; if False, BASE's extra
             tensors are carried over and OTHER's ignored.
         precision ("exact"): or "reference" (the released code's arithmetic, bit for bit).
+        vocab ("strict"): or "common": tensors whose first dimension differs (embed_tokens
+            and lm_head of vocabularies padded to different sizes) are merged over the rows
+            both have, BASE's further rows kept; config.json's vocab_size may differ (OUT
+            keeps BASE's). The recipe records it, and the rows merged per tensor.
         backend ("auto"): the select's engine: "auto" (Triton on a CUDA device, torch on the
             CPU), "torch" or "triton" (on the CPU only under TRITON_INTERPRET=1). Every
             backend writes the same bits.

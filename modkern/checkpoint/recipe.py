@@ -2,8 +2,8 @@
 alpha rules, filters, precision, modkern version) and a short model card.
 
 The recipe is YAML. Its rule keys (`alpha`, `include`, `exclude`, `precision`, `strict`,
-`dtype`) are also what `modkern merge --recipe FILE` reads, so a merge can be rerun from the
-recipe of a previous one.
+`dtype`, `vocab`) are also what `modkern merge --recipe FILE` reads, so a merge can be
+rerun from the recipe of a previous one.
 """
 
 from __future__ import annotations
@@ -17,13 +17,14 @@ from typing import Any
 import yaml
 
 from .._version import __version__
+from ..checks import VOCAB_MODES
 from ..errors import CheckpointError
 from ..merging.patterns import exact_pattern
 from .input_files import open_input
 from .publish import output_error
 
 RECIPE = "modkern_recipe.yaml"
-RULE_KEYS = ("alpha", "include", "exclude", "precision", "strict", "dtype")
+RULE_KEYS = ("alpha", "include", "exclude", "precision", "strict", "dtype", "vocab")
 # Recipe and config files are a few KB; a bigger file is not one (or is /dev/zero).
 MAX_TEXT = 10 * 1024 * 1024
 
@@ -163,12 +164,13 @@ _RULE_TYPES = {
     "precision": (lambda p: isinstance(p, str), "'exact' or 'reference'"),
     "strict": (lambda b: isinstance(b, bool), "true or false"),
     "dtype": (lambda d: isinstance(d, str), "a dtype name such as bfloat16"),
+    "vocab": (lambda v: v in VOCAB_MODES, "'strict' or 'common'"),
 }
 
 
 def load_rules(path: str | Path) -> dict[str, Any]:
     """The rule keys of a recipe file (YAML or JSON): alpha (float or pattern mapping),
-    include, exclude, precision, strict, dtype. Other keys are ignored; a rule key of the
+    include, exclude, precision, strict, dtype, vocab. Other keys are ignored; a rule key of the
     wrong type is a CheckpointError naming it and what it may hold (null means unset)."""
     path = Path(path)
     data = read_mapping(path, "recipe", "keys such as alpha, include, exclude")

@@ -34,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "the default for the rest)")
     p.add_argument("--recipe", metavar="FILE",
                    help="YAML/JSON with alpha (number or pattern mapping), include, exclude, "
-                   "precision, strict, dtype; e.g. the modkern_recipe.yaml of an earlier "
+                   "precision, strict, dtype, vocab; e.g. the modkern_recipe.yaml of an earlier "
                    "merge. Command-line options win")
     p.add_argument("--include", action="append", metavar="PATTERN",
                    help="merge only tensors whose name matches (substring, or glob with "
@@ -47,6 +47,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=("exact", "reference"), default=None,
                    help="exact: float32 formula (default); reference: the released code's "
                    "arithmetic in the weights' dtype, bit for bit")
+    p.add_argument("--vocab", choices=("strict", "common"), default=None,
+                   help="strict (default): tensors of different shapes are an error; common: "
+                   "where only the first dimension differs (embed_tokens and lm_head of "
+                   "vocabularies padded to different sizes, e.g. 151936 vs 152064 rows), merge "
+                   "the rows both have and keep BASE's further rows; config.json's "
+                   "vocab_size may then differ (OUT keeps BASE's)")
     p.add_argument("--device", default="cpu",
                    help="cpu (default), or cuda / cuda:N to run the select on the GPU")
     p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
@@ -195,6 +201,7 @@ def _run(args: argparse.Namespace) -> int:
         exclude=args.exclude or rules.get("exclude"),
         strict=args.strict if args.strict is not None else rules.get("strict", True),
         precision=args.precision or rules.get("precision", "exact"),
+        vocab=args.vocab or rules.get("vocab", "strict"),
         backend=args.backend, device=args.device, dtype=args.dtype or rules.get("dtype"),
         max_shard_size=args.max_shard_size, force=args.force,
         progress=False if args.quiet else None, full_hash=args.full_hash,

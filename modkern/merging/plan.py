@@ -9,8 +9,8 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from ..errors import AlphaError, KeyMismatchError
-from ..ops.select_context import SelectContext
+from ..errors import AlphaError, DTypeError, KeyMismatchError
+from ..ops.select_context import MODELS, SelectContext
 from .patterns import AlphaRule, alpha_for
 
 ContextOf = Callable[[str], SelectContext]  # names a tensor (and its files) in errors
@@ -33,25 +33,54 @@ def check_keys(sd1: Mapping[str, object], sd2: Mapping[str, object]) -> None:
                                "ignore model 2's)")
 
 
+def check_state_dicts(sd1: object, sd2: object) -> None:
+    """DTypeError unless both models are mappings of str names (state dicts), naming the
+    model and what it is (e.g. a module passed instead of its state_dict())."""
+    for label, sd in zip(MODELS, (sd1, sd2)):
+        if not isinstance(sd, Mapping):
+            hint = " (pass model.state_dict())" if isinstance(sd, torch.nn.Module) else ""
+            raise DTypeError(f"{label} is a {type(sd).__name__}; expected a mapping of tensor "
+                             f"name -> tensor (a state dict){hint}")
+        for name in sd:
+            if not isinstance(name, str):
+                raise DTypeError(f"{label} has the key {name!r} ({type(name).__name__}); "
+                                 "expected str tensor names (a state dict)")
+
+
+def is_weight(t: object) -> bool:
+    """Whether a merge selects `t`: a floating-point tensor, or a quantized one (refused by
+    the pair check: it must be dequantized first, not silently carried over)."""
+    return isinstance(t, torch.Tensor) and (t.is_quantized or t.is_floating_point())
+
+
 def names_to_merge(sd1: Mapping[str, torch.Tensor], sd2: Mapping[str, torch.Tensor],
-                   keep: Callable[[str], bool], context_of: ContextOf = SelectContext
-                   ) -> list[str]:
+                   keep: Callable[[str], bool], context_of: ContextOf = SelectContext, *,
+                   need_data: bool = True, vocab: str = "strict") -> list[str]:
     """The names of sd1 (in its order) whose tensors are merged: in sd2 too, kept by the
     name filter `keep`, floating point; every such pair checked (and a pair of one
-    floating-point tensor and one other refused)."""
+    floating-point tensor and one other refused). `need_data` and `vocab` as for
+    SelectContext.check_pair (need_data False: meta tensors standing for headers)."""
     names = []
     for name, t1 in sd1.items():
         if name not in sd2 or not keep(name):
             continue
         t2 = sd2[name]
-        if not isinstance(t1, torch.Tensor) or not t1.is_floating_point():
-            if isinstance(t1, torch.Tensor) and isinstance(t2, torch.Tensor) and \
-                    t2.is_floating_point():
+        if not is_weight(t1):
+            if isinstance(t1, torch.Tensor) and is_weight(t2):
                 raise context_of(name).floating_mismatch(t1, t2)
             continue
-        context_of(name).check_pair(t1, t2)
+        context_of(name).check_pair(t1, t2, need_data=need_data, vocab=vocab)
         names.append(name)
     return names
+
+
+def common_rows(t1: torch.Tensor, t2: torch.Tensor) -> int | None:
+    """For a pair whose first dimension differs (vocab="common"): the number of leading
+    rows both have, which the merge selects (model 1's further rows are kept as they are);
+    None when the shapes are equal (the whole tensor is merged)."""
+    if t1.shape == t2.shape:
+        return None
+    return min(t1.shape[0], t2.shape[0])
 
 
 def alphas(rule: AlphaRule, names: list[str], context_of: ContextOf = SelectContext

@@ -16,6 +16,7 @@ from ..checks import check_alpha, check_precision
 from . import select_engine
 from .select_context import SelectContext
 from .select_pipeline import select_inplace, select_into
+from .tensor_memory import shares_memory, view_key, write_mode
 
 
 def _checked(t1: torch.Tensor, t2: torch.Tensor, alpha: float, backend: str,
@@ -36,32 +37,36 @@ def mod_select(t1: torch.Tensor, t2: torch.Tensor, alpha: float, *, backend: str
     normalized value is below alpha, t2's element elsewhere.
 
     Args:
-        t1: the base model's tensor (floating point, finite).
+        t1: the base model's tensor (dense, floating point, finite; any strides).
         t2: the other model's tensor, same shape and device; only the elements that are
             taken are read (and must be finite).
         alpha: threshold in [0, 1]. 1 keeps t1 except at its maximum; 0 takes all of t2.
         backend: "auto" (Triton for CUDA tensors, torch otherwise), "torch" or "triton".
         precision: "exact" (float32 formula) or "reference" (the released code's arithmetic
             in t1's own dtype, bit for bit).
-        out: optional tensor of t1's shape and dtype to write into.
+        out: optional tensor of t1's shape and dtype to write into (it may share memory
+            with t1 or t2: the result is what they held before the call).
         name: the tensor's key, used in error messages.
 
-    Returns a tensor of t1's dtype and shape; t1 and t2 are not modified.
+    Returns a tensor of t1's dtype and shape; t1 and t2 are not modified. The select is not
+    a differentiable operation: the result is a plain tensor (requires_grad False, no
+    autograd history) even when t1 or t2 require grad.
     """
     alpha, precision, engine, context = _checked(t1, t2, alpha, backend, precision, name)
     if out is not None:
-        if out.shape != t1.shape or out.dtype != t1.dtype or out.device != t1.device:
-            raise context.bad_out(t1, out)
-        if out.data_ptr() == t1.data_ptr() and out.numel() > 0:
+        context.check_out(t1, out)
+    with write_mode([] if out is None else [out]):
+        if out is not None and out.numel() > 0 and view_key(out) == view_key(t1):
             select_inplace(t1, t2, alpha, precision=precision, engine=engine, context=context)
-            return t1
-    usable = out is not None and out.is_contiguous() and out.data_ptr() != t2.data_ptr()
-    dst = out if usable else torch.empty(t1.shape, dtype=t1.dtype, device=t1.device)
-    select_into(dst, t1, t2, alpha, precision=precision, engine=engine, context=context)
-    if out is not None and dst is not out:
-        out.copy_(dst)
-        return out
-    return dst
+            return out
+        usable = out is not None and out.is_contiguous() and not shares_memory(out, t1) \
+            and not shares_memory(out, t2)
+        dst = out if usable else torch.empty(t1.shape, dtype=t1.dtype, device=t1.device)
+        select_into(dst, t1, t2, alpha, precision=precision, engine=engine, context=context)
+        if out is not None and dst is not out:
+            out.copy_(dst)
+            return out
+        return dst
 
 
 def mod_select_(t1: torch.Tensor, t2: torch.Tensor, alpha: float, *, backend: str = "auto",
@@ -69,8 +74,13 @@ def mod_select_(t1: torch.Tensor, t2: torch.Tensor, alpha: float, *, backend: st
     """In-place MoD select: overwrite t1's elements that take t2's value, and return t1.
 
     The cheapest merge: one read of t1 plus the few blocks that hold selected elements.
-    Everything is validated before t1 is touched, so on error t1 is unchanged.
+    Everything is validated before t1 is touched, so on error t1 is unchanged. The write
+    is a data update that autograd does not record (as an optimizer step's): t1 may be a
+    Parameter or any tensor that requires grad, or an inference tensor. t1's elements must
+    each have their own memory (not an expanded view); t2 may share memory with t1.
     Same arguments as `mod_select`."""
     alpha, precision, engine, context = _checked(t1, t2, alpha, backend, precision, name)
-    select_inplace(t1, t2, alpha, precision=precision, engine=engine, context=context)
+    context.check_writable(t1)
+    with write_mode([t1]):
+        select_inplace(t1, t2, alpha, precision=precision, engine=engine, context=context)
     return t1

@@ -105,6 +105,9 @@ class TritonEngine:
         return self.kernels.minmax(src, copy_to=copy_to, table=table)
 
     def patch(self, dst, t2, v, block_max, atomic=False, table=None):
+        if table is None and any(st == 0 and n > 1 for n, st in zip(t2.shape, t2.stride())):
+            # expanded (stride 0): read where selected rather than materialize it whole
+            return take_at(dst, TensorSource(t2), self.selected(dst, v, block_max), atomic)
         t2 = t2 if t2.is_contiguous() else t2.contiguous()  # the kernel reads t2 flat
         return self.kernels.patch(dst, t2, v, block_max, atomic=atomic, table=table)
 

@@ -25,7 +25,8 @@ import torch
 from .select_context import SelectContext
 from .select_engine import PackedEngine, SelectEngine
 from .select_reference import alpha_tensor, normalized, select_threshold
-from .select_source import TensorSource, ValueSource, take_at
+from .select_source import TensorSource, ValueSource, check_at, take_at
+from .tensor_memory import shares_memory, view_key
 
 
 @dataclass
@@ -71,9 +72,7 @@ class FlatSelect:
         if flat.numel() == 0:
             return SelectResult(0, 0)
         if flat.numel() <= self.engine.direct_max:
-            keep = normalized(flat, mn, mx, precision) < alpha_tensor(alpha, flat.dtype,
-                                                                      precision, flat.device)
-            taken, bad = take_at(flat, source, [torch.nonzero(~keep).flatten()])
+            taken, bad = take_at(flat, source, [direct_taken(flat, mn, mx, alpha, precision)])
         else:
             v = select_threshold(mn, mx, alpha, precision).to(flat.device)
             if source.tensor is not None:
@@ -85,6 +84,31 @@ class FlatSelect:
         if bad >= 0:
             raise self.context.nonfinite_other(value_at(source, bad), bad, flat.dtype)
         return SelectResult(taken, flat.numel())
+
+    def check(self, mn: torch.Tensor, mx: torch.Tensor, alpha: float, precision: str,
+              source: ValueSource) -> None:
+        """Steps 3-6 without the write: raise what `apply` would raise (a value of model 2
+        that is not finite where it is taken) and write nothing. The first phase of an
+        in-place merge of many tensors, which writes none of them until all are checked."""
+        flat = self.dst
+        if flat.numel() == 0:
+            return
+        if flat.numel() <= self.engine.direct_max:
+            chunks = [direct_taken(flat, mn, mx, alpha, precision)]
+        else:
+            v = select_threshold(mn, mx, alpha, precision).to(flat.device)
+            chunks = self.engine.selected(flat, v, self.block_max)
+        bad = check_at(flat, source, chunks)
+        if bad >= 0:
+            raise self.context.nonfinite_other(value_at(source, bad), bad, flat.dtype)
+
+
+def direct_taken(flat: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor, alpha: float,
+                 precision: str) -> torch.Tensor:
+    """The flat indices of the elements to take, from the formula itself (small parts)."""
+    keep = normalized(flat, mn, mx, precision) < alpha_tensor(alpha, flat.dtype, precision,
+                                                              flat.device)
+    return torch.nonzero(~keep).flatten()
 
 
 def value_at(source: ValueSource, index: int) -> torch.Tensor:
@@ -112,10 +136,23 @@ def select_into(dst: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor, alpha: fl
                        engine=engine, context=context, src=src, atomic=inplace)
 
 
+def check_select(t1: torch.Tensor, t2: torch.Tensor, alpha: float, *, precision: str,
+                 engine: SelectEngine, context: SelectContext) -> None:
+    """Raise what `select_into` would raise for the checked pair (t1 not finite, model 2 not
+    finite where taken), writing nothing: t1's min/max pass and model 2's selected values
+    (a strided t1 is read through a contiguous copy)."""
+    part = FlatSelect(t1.contiguous().view(-1), engine, context)
+    mn, mx = part.bounds()
+    part.check(mn, mx, alpha, precision, TensorSource(t2))
+
+
 def select_inplace(t1: torch.Tensor, t2: torch.Tensor, alpha: float, *, precision: str,
                    engine: SelectEngine, context: SelectContext) -> SelectResult:
     """`select_into` t1 itself; a strided t1 is merged in a contiguous copy, then copied
-    back (only after every check passed)."""
+    back (only after every check passed). A t2 that shares memory with t1 (other than
+    being t1 itself) is read from a copy taken before t1 is written."""
+    if shares_memory(t1, t2) and view_key(t1) != view_key(t2):
+        t2 = t2.clone()
     if t1.is_contiguous():
         return select_into(t1, t1, t2, alpha, precision=precision, engine=engine,
                            context=context)

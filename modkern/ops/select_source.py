@@ -101,3 +101,13 @@ def _take_chunk(dst: torch.Tensor, source: ValueSource, idx: torch.Tensor,
     if write:
         dst[idx.to(dst.device)] = vals
     return idx.numel(), -1
+
+
+def check_at(dst: torch.Tensor, source: ValueSource, chunks: Iterable[torch.Tensor]) -> int:
+    """The flat index of the first of model 2's values at the selected flat indices (sorted,
+    in chunks) that is not finite in dst's dtype, or -1; nothing is written."""
+    for idx in chunks:
+        _, bad = _take_chunk(dst, source, idx, write=False)
+        if bad >= 0:
+            return bad
+    return -1
