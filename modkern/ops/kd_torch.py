@@ -33,6 +33,10 @@ from .kd_reference import NEG_INF, compute_dtype
 from .mix import mix_logits_many
 
 STACKED = False  # teachers arrive as a list of [rows, V] tensors
+# Elements of one [rows, V] temporary: the rows of a chunk are taken a few at a time so
+# the loss's half-dozen float32 temporaries stay small (a few MB each) however large the
+# chunk the matmuls want.
+SUB_ELEMENTS = 1 << 20
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -101,9 +105,15 @@ def chunk_loss(s: torch.Tensor, teachers: Sequence[torch.Tensor], weights: Seque
     ([rows, V], any float dtype), grad_scale * d(row loss)/d s written there."""
     cd = compute_dtype(s, *teachers)
     inv_t = 1.0 / temperature
-    logp = _target(teachers, weights, inv_t, cd)
-    logq = _student(s, logp, inv_t, cd)
-    rows, grad = _KINDS[kind](logp, logq, grad_into is not None)
-    if grad is not None:
-        grad_into.copy_(grad.mul_(grad_scale * inv_t))
-    return rows
+    R, V = s.shape[0], teachers[0].shape[-1]
+    out = torch.empty(R, dtype=cd, device=s.device)
+    step = max(1, SUB_ELEMENTS // max(V, 1))
+    for r0 in range(0, R, step):
+        r1 = min(R, r0 + step)
+        logp = _target([t[r0:r1] for t in teachers], weights, inv_t, cd)
+        logq = _student(s[r0:r1], logp, inv_t, cd)
+        rows, grad = _KINDS[kind](logp, logq, grad_into is not None)
+        out[r0:r1] = rows
+        if grad is not None:
+            grad_into[r0:r1].copy_(grad.mul_(grad_scale * inv_t))
+    return out

@@ -26,10 +26,10 @@ from .kd_inputs import (LogitsSource, check_devices, check_options, check_weight
                         teacher_sources)
 from .kd_reference import compute_dtype
 
-# Elements of one chunk's [rows, V] logits: 64 MB of float32 on the CPU (a few such
-# temporaries per chunk; fewer, larger chunks would rewrite the [V, H] weight gradient
-# less often), 128 MB on a GPU.
-CHUNK_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 25}
+# Elements of one chunk's [rows, V] logits (student's, and each teacher's): 128 MB of
+# float32, about 220 rows of a 152K vocabulary. Smaller chunks make slower matmuls on a CPU
+# and rewrite the [V, H] weight gradient more often; larger ones hold more memory.
+CHUNK_ELEMENTS = 1 << 25
 MAX_TRITON_K = 16
 
 
@@ -139,8 +139,7 @@ class _Run:
         tensors = [t for src in (student, *teachers) for t in src.tensors]
         engine = _engine(opts["backend"], tensors, len(teachers))
         n = lead.numel() if rows is None else rows.numel()
-        device = tensors[0].device.type
-        step = opts["chunk_rows"] or max(1, CHUNK_ELEMENTS.get(device, 1 << 25) // V)
+        step = opts["chunk_rows"] or max(1, CHUNK_ELEMENTS // V)
         return cls(student, teachers, ws, T, opts["kind"],
                    T * T if opts["scale_t2"] else 1.0, V, rows, max(1, min(step, n)),
                    engine, torch.is_grad_enabled())
@@ -154,49 +153,72 @@ class _Run:
         need = tuple(n and self.grad_enabled for n in need)
         fused = self.student.logits is None
         grads = _Grads(self, need) if fused else None
-        into_buf = None
+        logits_grad = None
         if not fused and need[0]:
-            logits = self.student.logits
-            into_buf = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
+            x = self.student.logits
+            logits_grad = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
         n, cd = self.n, compute_dtype(*self.student.tensors)
         scale = self.factor / max(n, 1)
         total = torch.zeros((), dtype=cd, device=self.student.tensors[0].device)
-        stack = self._stack() if self.engine.STACKED else None
+        buffers = _ChunkBuffers(self)
         for r0 in range(0, n, self.step):
             r1 = min(n, r0 + self.step)
             sel = slice(r0, r1) if self.rows is None else self.rows[r0:r1]
-            s = self.student.rows(sel, self.V)
-            if self.engine is not kd_torch and s.stride(-1) != 1:
-                s = s.contiguous()
+            s = buffers.student(sel, r1 - r0)
             into = None
             if fused and any(need):
                 into = s  # a fresh matmul result: its gradient overwrites it
-            elif into_buf is not None:  # a gathered chunk is a fresh copy: write over it
-                into = into_buf[sel, :self.V] if self.rows is None else s
-            ts = self._teacher_chunks(sel, r1 - r0, stack)
-            rows_loss = self.engine.chunk_loss(s, ts, self.weights, self.temperature,
-                                               self.kind, into, scale)
+            elif logits_grad is not None:  # a gathered chunk is a fresh copy: write over it
+                into = logits_grad[sel, :self.V] if self.rows is None else s
+            rows_loss = self.engine.chunk_loss(s, buffers.teachers(sel, r1 - r0),
+                                               self.weights, self.temperature, self.kind,
+                                               into, scale)
             total += rows_loss.sum().to(cd)
             if fused and any(need):
                 grads.add(sel, into)
             elif into is not None and self.rows is not None:
-                into_buf[:, :self.V].index_copy_(0, sel, into)
-        loss = total * scale
-        return loss, (grads.result() if fused else (into_buf,))
+                logits_grad[:, :self.V].index_copy_(0, sel, into)
+        return total * scale, (grads.result() if fused else (logits_grad,))
 
-    def _stack(self) -> torch.Tensor:
-        """The [K, rows, V] buffer a stacked engine reads the teachers' chunk from."""
-        dtypes = {t.dtype for t in self.teachers}
-        dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-        device = self.student.tensors[0].device
-        return torch.empty(len(self.teachers), self.step, self.V, dtype=dtype, device=device)
 
-    def _teacher_chunks(self, sel, rows: int, stack: torch.Tensor | None):
-        if stack is None:
-            return [t.rows(sel, self.V) for t in self.teachers]
-        for k, t in enumerate(self.teachers):
-            t.rows(sel, self.V, out=stack[k, :rows])
-        return stack[:, :rows]
+class _ChunkBuffers:
+    """Where a chunk's logits come from: views of given logits where they can be, else
+    buffers of [rows per chunk, V] allocated once and reused chunk after chunk (computed
+    logits, and for a stacked engine every teacher's, copied or computed into [K, ...])."""
+
+    def __init__(self, run: _Run):
+        self.run = run
+        self.device = run.student.tensors[0].device
+        self.own: dict = {}
+        self.stack = None
+        if run.engine.STACKED:
+            dtypes = {t.dtype for t in run.teachers}
+            dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+            self.stack = torch.empty(len(run.teachers), run.step, run.V, dtype=dtype,
+                                     device=self.device)
+
+    def _out(self, key, src: LogitsSource, rows: int) -> torch.Tensor | None:
+        if src.logits is not None:
+            return None
+        if key not in self.own:
+            self.own[key] = torch.empty(self.run.step, self.run.V, dtype=src.dtype,
+                                        device=self.device)
+        return self.own[key][:rows]
+
+    def student(self, sel, rows: int) -> torch.Tensor:
+        src = self.run.student
+        s = src.rows(sel, self.run.V, out=self._out("student", src, rows))
+        if self.run.engine is not kd_torch and s.stride(-1) != 1:
+            s = s.contiguous()
+        return s
+
+    def teachers(self, sel, rows: int):
+        V, teachers = self.run.V, self.run.teachers
+        if self.stack is None:
+            return [t.rows(sel, V, out=self._out(k, t, rows)) for k, t in enumerate(teachers)]
+        for k, t in enumerate(teachers):
+            t.rows(sel, V, out=self.stack[k, :rows])
+        return self.stack[:, :rows]
 
 
 class _Grads:
