@@ -4,7 +4,8 @@ Builds a tiny Qwen2 model with a character-level tokenizer, pretrains it briefly
 strings (the base), fine-tunes two copies, one on digit addition ("57+8=65") and one on
 string reversal ("abcd=dcba"), and saves them as Hugging Face checkpoints. Then merges the
 two by MoD weight select and by a linear average at several alphas, decodes with the
-mixture of both specialists' distributions at the same alphas, and prints one table: each
+mixture of both specialists' distributions at the same alphas, distils the base from that
+mixture (0.5 / 0.5) on both tasks' training prompts, and prints one table: each
 model's exact-match accuracy on held-out prompts of both tasks, with the elements each MoD
 merge took from specialist B and the bytes it read. The checkpoints, results.json,
 table.txt and accuracy.png (accuracy against alpha) are written to --out.
@@ -68,6 +69,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="training steps of the base on copying (default 300, 100 with --quick)")
     p.add_argument("--finetune-steps", type=_positive, default=None, metavar="N",
                    help="training steps of each specialist (default 500, 300 with --quick)")
+    p.add_argument("--distill-steps", type=_positive, default=None, metavar="N",
+                   help="training steps of the base distilled from the mixture of both "
+                   "specialists (default 600, 150 with --quick)")
     p.add_argument("--eval-examples", type=_positive, default=None, metavar="N",
                    help="held-out prompts per task (default 200, 64 with --quick)")
     p.add_argument("--no-plot", action="store_true",
@@ -91,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
     quick = args.quick or os.environ.get(QUICK_ENV, "") not in ("", "0")
     config = DemoConfig.quick(args.seed) if quick else DemoConfig(seed=args.seed)
     overrides = {"alphas": args.alphas, "pretrain_steps": args.pretrain_steps,
-                 "finetune_steps": args.finetune_steps, "eval_examples": args.eval_examples}
+                 "finetune_steps": args.finetune_steps, "distill_steps": args.distill_steps,
+                 "eval_examples": args.eval_examples}
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
     from ..checks import check_alpha  # imports torch: not at --help time
     for a in config.alphas:
