@@ -174,3 +174,22 @@ def test_help_documents_every_option():
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     for action in sub.choices["distill"]._actions:
         assert action.help, f"option {action.option_strings} has no help text"
+
+
+def test_a_failing_disk_leaves_nothing(models, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from transformers import PreTrainedModel
+
+    root, tok, dirs = models
+
+    def full(self, folder, **kw):
+        (folder / "model.safetensors").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
+    assert main(_args(root, dirs, tmp_path / "out", "--steps", "1")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot write the checkpoint: No space left on device" in err
+    assert len(err.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []

@@ -344,3 +344,12 @@ def test_bad_options():
         mixture_kd_loss(s, [t], [1.0], mask=torch.ones(2))
     with pytest.raises(modkern.BackendError):
         mixture_kd_loss(s, [t], [1.0], backend="cuda")
+
+
+def test_second_backward_is_refused_with_a_message():
+    s = randn((3, 6), seed=1).requires_grad_()
+    loss = mixture_kd_loss(s, [randn((3, 6), seed=2)], [1.0])
+    (loss * 2).backward(retain_graph=True)
+    assert_grad_close(s.grad, 2 * _reference(s, [randn((3, 6), seed=2)], [1.0], None)[1])
+    with pytest.raises(RuntimeError, match="backpropagated twice"):
+        loss.backward()

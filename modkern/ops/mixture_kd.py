@@ -278,4 +278,10 @@ class _KDFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
-        return (None, *(_scaled(gr, g) for gr in ctx.grads))
+        grads, ctx.grads = ctx.grads, None  # held by the graph no longer: autograd may
+        # then take a returned gradient as .grad itself instead of copying it
+        if grads is None:
+            raise RuntimeError("the mixture distillation loss was backpropagated twice: its "
+                               "gradients are computed once, with the loss; compute the "
+                               "loss again instead of retain_graph=True")
+        return (None, *(_scaled(gr, g) for gr in grads))
