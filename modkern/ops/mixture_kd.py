@@ -267,22 +267,22 @@ def _scaled(grad: torch.Tensor | None, g: torch.Tensor) -> torch.Tensor | None:
 
 
 class _KDFunction(torch.autograd.Function):
-    """The loss of a _Run; its gradients are computed in the forward, with the loss."""
+    """The loss of a _Run; its gradients are computed in the forward, with the loss.
+
+    They are kept by save_for_backward, which autograd releases as soon as the backward
+    has run (unless retain_graph): the returned gradient is then the only reference, and
+    autograd takes it as .grad itself instead of copying it (for the unfused form a
+    second [N, V] tensor)."""
 
     @staticmethod
     def forward(ctx, run: _Run, *inputs):
         need = tuple(ctx.needs_input_grad[1:1 + len(inputs)])
         loss, grads = run.execute(need)
-        ctx.grads = [None if gr is None else gr.view(x.shape) for gr, x in zip(grads, inputs)]
+        ctx.save_for_backward(*(None if gr is None else gr.view(x.shape)
+                                for gr, x in zip(grads, inputs)))
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
-        grads, ctx.grads = ctx.grads, None  # held by the graph no longer: autograd may
-        # then take a returned gradient as .grad itself instead of copying it
-        if grads is None:
-            raise RuntimeError("the mixture distillation loss was backpropagated twice: its "
-                               "gradients are computed once, with the loss; compute the "
-                               "loss again instead of retain_graph=True")
-        return (None, *(_scaled(gr, g) for gr in grads))
+        return (None, *(_scaled(gr, g) for gr in ctx.saved_tensors))
