@@ -22,9 +22,28 @@ import time
 from pathlib import Path
 
 from ..errors import CheckpointError
-from .argtypes import numbers, positive
 
 QUICK_ENV = "MODKERN_DEMO_QUICK"
+
+
+def _alphas(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(a) for a in text.split(",") if a.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}")
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one alpha")
+    return values
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -38,22 +57,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true",
                    help=f"reduced run for CI: fewer steps, examples and alphas, a few "
                    f"seconds (also when the environment sets {QUICK_ENV}=1)")
-    p.add_argument("--alphas", type=numbers, default=None, metavar="A,B,...",
+    p.add_argument("--alphas", type=_alphas, default=None, metavar="A,B,...",
                    help="alphas for the merges and the mixture, comma-separated, each in "
                    "[0, 1]; alpha weighs the addition specialist A (default 0.1,0.3,0.5,0.7,0.9;"
                    " 0.1,0.5,0.9 with --quick)")
     p.add_argument("--seed", type=int, default=0, help="seed of everything (default 0)")
-    p.add_argument("--threads", type=positive(int), default=1,
+    p.add_argument("--threads", type=_positive, default=1,
                    help="torch CPU threads (default 1: these models are too small to gain "
                    "from more, and one thread gives the same numbers on every machine)")
-    p.add_argument("--pretrain-steps", type=positive(int), default=None, metavar="N",
+    p.add_argument("--pretrain-steps", type=_positive, default=None, metavar="N",
                    help="training steps of the base on copying (default 300, 100 with --quick)")
-    p.add_argument("--finetune-steps", type=positive(int), default=None, metavar="N",
+    p.add_argument("--finetune-steps", type=_positive, default=None, metavar="N",
                    help="training steps of each specialist (default 500, 300 with --quick)")
-    p.add_argument("--distill-steps", type=positive(int), default=None, metavar="N",
-                   help="training steps of the base distilled from the mixture of both "
-                   "specialists (default 600, 150 with --quick)")
-    p.add_argument("--eval-examples", type=positive(int), default=None, metavar="N",
+    p.add_argument("--eval-examples", type=_positive, default=None, metavar="N",
                    help="held-out prompts per task (default 200, 64 with --quick)")
     p.add_argument("--no-plot", action="store_true",
                    help="skip accuracy.png (it needs matplotlib: pip install 'modkern[demo]')")
@@ -76,8 +92,7 @@ def run(args: argparse.Namespace) -> int:
     quick = args.quick or os.environ.get(QUICK_ENV, "") not in ("", "0")
     config = DemoConfig.quick(args.seed) if quick else DemoConfig(seed=args.seed)
     overrides = {"alphas": args.alphas, "pretrain_steps": args.pretrain_steps,
-                 "finetune_steps": args.finetune_steps, "distill_steps": args.distill_steps,
-                 "eval_examples": args.eval_examples}
+                 "finetune_steps": args.finetune_steps, "eval_examples": args.eval_examples}
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
     from ..checks import check_alpha  # imports torch: not at --help time
     for a in config.alphas:

@@ -21,9 +21,19 @@ import signal
 import sys
 from pathlib import Path
 
-from .argtypes import numbers, positive
+from .arguments import real_number, seed, whole_number
 
 KINDS = ("forward_kl", "reverse_kl", "jsd")
+MAX_COUNT = 10**9  # far above any useful run
+
+
+def _weights(text: str) -> list[float]:
+    try:
+        values = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, e.g. "
+                                         f"0.5,0.5; got {text!r}") from None
+    return values
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -36,7 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher", action="append", required=True, type=Path, metavar="DIR",
                    help="a teacher model folder (repeat for each teacher; any causal LM "
                    "architecture)")
-    p.add_argument("--weights", type=numbers, default=None, metavar="W1,W2,...",
+    p.add_argument("--weights", type=_weights, default=None, metavar="W1,W2,...",
                    help="the teachers' weights in the mixture, in --teacher order, each in "
                    "[0, 1], summing to 1 (default: equal)")
     p.add_argument("--data", required=True, type=Path, metavar="FILE",
@@ -45,29 +55,31 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, metavar="DIR",
                    help="where the trained student is published (must not exist unless "
                    "--force)")
-    p.add_argument("--steps", type=positive(int), default=None, metavar="N",
+    p.add_argument("--steps", type=whole_number(1, MAX_COUNT), default=None, metavar="N",
                    help="optimizer steps (default: one pass over the data)")
-    p.add_argument("--lr", type=positive(float), default=2e-5,
-                   help="peak learning rate of AdamW, after a warmup over the first 5%% of "
-                   "the steps, then decaying linearly (default 2e-5)")
-    p.add_argument("--batch", type=positive(int), default=8, metavar="N",
+    p.add_argument("--lr", type=real_number(0.0, 1.0, low_open=True), default=2e-5,
+                   help="peak learning rate of AdamW, in (0, 1], after a warmup over the "
+                   "first 5%% of the steps, then decaying linearly (default 2e-5)")
+    p.add_argument("--batch", type=whole_number(1, MAX_COUNT), default=8, metavar="N",
                    help="examples per step (default 8)")
-    p.add_argument("--max-length", type=positive(int), default=512, metavar="N",
+    p.add_argument("--max-length", type=whole_number(1, MAX_COUNT), default=512, metavar="N",
                    help="tokens per example, prompt + response; longer ones are cut "
                    "(default 512)")
-    p.add_argument("--temperature", type=positive(float), default=1.0,
-                   help="softmax temperature of student and teachers (default 1)")
+    p.add_argument("--temperature", type=real_number(0.0, 100.0, low_open=True), default=1.0,
+                   metavar="T",
+                   help="softmax temperature of student and teachers, in (0, 100] "
+                   "(default 1)")
     p.add_argument("--kind", choices=KINDS, default="forward_kl",
                    help="the divergence: forward_kl = KL(mixture || student) (default), "
                    "reverse_kl = KL(student || mixture), jsd = Jensen-Shannon")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=seed, default=0,
                    help="seed of the data order and of torch (default 0)")
     p.add_argument("--device", default="cpu",
                    help="cpu (default), or cuda / cuda:N (the loss then runs as Triton "
                    "kernels)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="dtype the models are loaded and trained in (default float32)")
-    p.add_argument("--log-every", type=positive(int), default=None, metavar="N",
+    p.add_argument("--log-every", type=whole_number(1, MAX_COUNT), default=None, metavar="N",
                    help="print the mean loss every N steps (default: about ten lines)")
     p.add_argument("--force", action="store_true",
                    help="replace OUT if it exists (the previous OUT stays intact until the "
