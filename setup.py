@@ -22,7 +22,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["modkern", "modkern.ops", "modkern.merging", "modkern.checkpoint", "modkern.decoding",
-              "modkern.cli", "modkern.demo", "modkern.integrations", "modkern.kernels"],
+              "modkern.cli", "modkern.demo", "modkern.distill", "modkern.integrations",
+              "modkern.kernels"],
     package_dir={"modkern": "modkern", "modkern.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",

@@ -27,6 +27,9 @@ _LAZY = {
     "mix_logits_many": "ops.mix",
     "mix_logits_reference": "ops.mix_reference",
     "mix_logits_many_reference": "ops.mix_reference",
+    "mixture_kd_loss": "ops.mixture_kd",
+    "fused_linear_mixture_kd": "ops.mixture_kd",
+    "mixture_kd_reference": "ops.kd_reference",
     "merge_state_dicts": "merging.state_dict",
     "MergeStats": "merging.counts",
     "merge_checkpoints": "checkpoint.merge",
@@ -44,7 +47,9 @@ if TYPE_CHECKING:
     from .merging.counts import MergeStats
     from .merging.state_dict import merge_state_dicts
     from .ops.mix import mix_logits, mix_logits_many
+    from .ops.kd_reference import mixture_kd_reference
     from .ops.mix_reference import mix_logits_many_reference, mix_logits_reference
+    from .ops.mixture_kd import fused_linear_mixture_kd, mixture_kd_loss
     from .ops.select import mod_select, mod_select_
     from .ops.select_reference import mod_select_reference, select_threshold
 

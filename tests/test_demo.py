@@ -26,7 +26,7 @@ def test_quick_demo_runs_and_writes_its_outputs(quick_run, capsys):
     code, out, results = quick_run
     assert code == 0
     for folder in ("base", "specialist-addition", "specialist-reversal", "mod-0.5",
-                   "linear-0.5"):
+                   "linear-0.5", "distilled"):
         assert (out / folder / "model.safetensors").is_file()
         assert (out / folder / "config.json").is_file()
     assert (out / "table.txt").read_text().startswith("model")
@@ -37,6 +37,7 @@ def test_quick_demo_runs_and_writes_its_outputs(quick_run, capsys):
         pass
     methods = [r["method"] for r in results["rows"]]
     assert methods.count("mod") == methods.count("linear") == methods.count("mixture") == 3
+    assert methods.count("distill") == 1
 
 
 def test_quick_demo_table_is_sane(quick_run):

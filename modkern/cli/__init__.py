@@ -32,6 +32,7 @@ from ..errors import ModkernError
 # Subcommand name -> module of modkern.cli (imported lazily: `--help` stays fast).
 COMMANDS = {
     "demo": "demo",
+    "distill": "distill",
     "generate": "generate",
     "merge": "merge",
 }

@@ -4,7 +4,8 @@ Builds a tiny Qwen2 model with a character-level tokenizer, pretrains it briefly
 strings (the base), fine-tunes two copies, one on digit addition ("57+8=65") and one on
 string reversal ("abcd=dcba"), and saves them as Hugging Face checkpoints. Then merges the
 two by MoD weight select and by a linear average at several alphas, decodes with the
-mixture of both specialists' distributions at the same alphas, and prints one table: each
+mixture of both specialists' distributions at the same alphas, distils the base from that
+mixture (0.5 / 0.5) on both tasks' training prompts, and prints one table: each
 model's exact-match accuracy on held-out prompts of both tasks, with the elements each MoD
 merge took from specialist B and the bytes it read. The checkpoints, results.json,
 table.txt and accuracy.png (accuracy against alpha) are written to --out.

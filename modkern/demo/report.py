@@ -18,7 +18,7 @@ class Row:
     """One line of the demo table."""
 
     model: str
-    method: str                  # base | specialist | mod | linear | mixture
+    method: str                  # base | specialist | mod | linear | mixture | distill
     alpha: float | None
     accuracy: dict[str, float]   # task name -> exact-match accuracy in [0, 1]
     elements_taken: int | None = None   # MoD: elements taken from specialist B
@@ -79,11 +79,14 @@ def save_plot(result: DemoResult, path: Path, notes: list[str]) -> Path | None:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     styles = {"mod": ("MoD merge", "o-"), "linear": ("linear merge", "s--"),
-              "mixture": ("mixture decoding", "^:")}
+              "mixture": ("mixture decoding", "^:"),
+              "distill": ("distilled from the mixture", "*")}
     for ax, task in zip(axes, (TASK_A.name, TASK_B.name)):
         for method, (label, style) in styles.items():
             pts = sorted((r.alpha, r.accuracy[task]) for r in result.rows if r.method == method)
-            ax.plot([a for a, _ in pts], [y for _, y in pts], style, label=label)
+            if pts:
+                ax.plot([a for a, _ in pts], [y for _, y in pts], style, label=label,
+                        markersize=12 if method == "distill" else 6)
         for r, color in ((result.row("base"), "grey"),
                          (result.row(f"specialist-{TASK_A.name}"), "tab:red"),
                          (result.row(f"specialist-{TASK_B.name}"), "tab:purple")):

@@ -106,6 +106,30 @@ def train(model, tokenizer, task: Task, *, steps: int, batch: int, lr: float, se
     return sum(tail) / len(tail)
 
 
+def distill(student, teachers, tokenizer, tasks: Sequence[Task], *, weights, config,
+            exclude: set[str] = frozenset()) -> float:
+    """Train `student` towards the mixture (weights) of the `teachers`' next-token
+    distributions on the answers of training prompts of every task in `tasks`, in equal
+    shares, by modkern's fused distillation loss (forward KL at the temperature of
+    `config`, a modkern.distill.train.DistillConfig). Returns the mean loss of the last
+    20 steps."""
+    from ..distill.data import Example as Pair
+    from ..distill.models import check_head
+    from ..distill.train import train as distill_train
+
+    rng = random.Random(config.seed)
+    pool = []
+    while len(pool) < config.steps * config.batch // 2:  # each example seen about twice
+        task = tasks[len(pool) % len(tasks)]
+        prompt, answer = task.make(rng)
+        if prompt not in exclude:
+            pool.append(Pair(prompt, answer, task.name))
+    heads = [check_head(f"teacher {i + 1}", t) for i, t in enumerate(teachers)]
+    result = distill_train(check_head("student", student), heads, weights, tokenizer, pool,
+                           config)
+    return result.mean(False, 20)
+
+
 # ---------------------------------------------------------------- evaluation
 
 def _max_new(examples: Sequence[Example]) -> int:
