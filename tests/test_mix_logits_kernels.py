@@ -137,3 +137,25 @@ def test_decoding_step_captures_in_a_cuda_graph():
     torch.cuda.synchronize()
     assert torch.allclose(captured, mix_logits(l1, l2, 0.5), atol=1e-5)
     assert not torch.equal(captured, out)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_decoding_step_with_tensor_alpha_captures_with_check_false():
+    """A tensor alpha (one weight per row) read by the kernels on the device: with
+    check=False nothing is read on the host, so the step captures; with check=True the
+    capture is refused with a message that says so."""
+    l1 = torch.randn(8, 151_936, device="cuda", dtype=torch.bfloat16)
+    l2 = torch.randn(8, 151_936, device="cuda", dtype=torch.bfloat16)
+    alpha = torch.linspace(0.1, 0.9, 8, device="cuda")
+    mix_logits(l1, l2, alpha, check=False)  # warm-up: compiles the kernels
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = mix_logits(l1, l2, alpha, check=False)
+    alpha.copy_(torch.linspace(0.9, 0.1, 8, device="cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.allclose(captured, mix_logits(l1, l2, alpha), atol=1e-5)
+    from modkern import OptionError
+    with pytest.raises(OptionError, match="check=False"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            mix_logits(l1, l2, alpha)
