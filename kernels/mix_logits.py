@@ -153,6 +153,15 @@ def _share(lp, out):
 
 
 @triton.jit
+def _block_again(starts, g_row, cols, load, ms, lss, ws, K: tl.constexpr):
+    """For the backward: a block's upstream gradient g, every model's lp_k, and out,
+    recomputed from the logits and the row stats."""
+    g = tl.load(g_row + cols, mask=load, other=0.0).to(tl.float32)
+    lps = _log_softmax(_load_block(starts, cols, load, K), ms, lss, K)
+    return g, lps, _mixture(lps, ws, K)
+
+
+@triton.jit
 def _write_span(starts, out_row, ws, ms, lss, c0, c1, n_valid, K: tl.constexpr,
                 BLOCK: tl.constexpr):
     """The output of one row's columns [c0, c1), walking backwards: the blocks read last
@@ -284,9 +293,8 @@ def mix_backward_sums_kernel(xs, x_row_strides, g_ptr, g_row_stride, w_ptr, w_ro
     for start in range(c0, c1, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         load = cols < c1
-        g = tl.load(g_ptr + row * g_row_stride + cols, mask=load, other=0.0).to(tl.float32)
-        lps = _log_softmax(_load_block(starts, cols, load, K), ms, lss, K)
-        out = _mixture(lps, ws, K)
+        g, lps, out = _block_again(starts, g_ptr + row * g_row_stride, cols, load, ms, lss,
+                                   ws, K)
         new = ()
         for k in tl.static_range(K):
             new = new + (acc[k] + tl.where(g == 0, 0.0, g * _share(lps[k], out)),)
@@ -311,9 +319,8 @@ def mix_backward_grads_kernel(xs, x_row_strides, grads, g_ptr, g_row_stride, w_p
     for start in range(c0, c1, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         load = cols < n_valid
-        g = tl.load(g_ptr + row * g_row_stride + cols, mask=load, other=0.0).to(tl.float32)
-        lps = _log_softmax(_load_block(starts, cols, load, K), ms, lss, K)
-        out = _mixture(lps, ws, K)
+        g, lps, out = _block_again(starts, g_ptr + row * g_row_stride, cols, load, ms, lss,
+                                   ws, K)
         for k in tl.static_range(K):
             c_k = tl.load(c_ptr + row * K + k)
             p = tl.where(lps[k] != lps[k], 0.0, tl.exp(lps[k]))

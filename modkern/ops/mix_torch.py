@@ -176,7 +176,8 @@ def _zero_weight_models(W: torch.Tensor) -> list[bool]:
     all). Off the CPU every model is treated so: asking would synchronise."""
     if W.device.type != "cpu":
         return [True] * W.shape[1]
-    return (W == 0).any(0).tolist()
+    lowest = W.tolist() if W.shape[0] <= FEW_ROWS else W.amin(0, keepdim=True).tolist()
+    return [any(row[k] == 0 for row in lowest) for k in range(W.shape[1])]
 
 
 def forward(ls, W: torch.Tensor, n_valid: int | None, stats: torch.Tensor | None = None):
@@ -219,12 +220,15 @@ def _few_rows(ls, W: torch.Tensor, drop: list[bool], out: torch.Tensor) -> None:
     inputs are widened inside the subtraction, with no copy."""
     e = _workspace(out.numel(), out.dtype, out.device).view(out.shape)
     nv = out.shape[1]
+    lowest = torch.finfo(out.dtype).min
     for k, l in enumerate(ls):
-        x = l[:, :nv]
-        m = x.amax(-1, keepdim=True).to(out.dtype)  # exact; NaN propagates
-        torch.sub(x, torch.where(m == float("-inf"), 0.0, m), out=e).exp_()
+        x = l if l.shape[1] == nv else l[:, :nv]
+        # the row max (exact; NaN propagates); an all -inf row's becomes the lowest float,
+        # so e = 0 there, then w / 0 * 0 = NaN: NaN, as log_softmax gives for that row
+        m = x.amax(-1, keepdim=True).to(out.dtype).clamp_(min=lowest)
+        torch.sub(x, m, out=e).exp_()
         wk = W[:, k:k + 1]
-        coef = wk / e.sum(-1, keepdim=True)  # all -inf: w / 0 = inf, then inf * 0 = NaN
+        coef = wk / e.sum(-1, keepdim=True)
         if drop[k]:  # a row of weight 0 leaves the model out, NaN logits and all
             coef = torch.where(wk == 0, 0.0, coef)
             e.masked_fill_(wk == 0, 0.0)
