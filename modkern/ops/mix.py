@@ -57,11 +57,12 @@ def mix_logits(l1: torch.Tensor, l2: torch.Tensor, alpha: Weight, *, backend: st
         vocab_start: with group and n_valid, this rank's first column in the whole
             vocabulary (e.g. the head's vocab_start_index).
         check: check the values of a tensor alpha (in [0, 1]). Reading them costs one
-            host synchronisation on a GPU, so with check=True the call cannot be captured
-            in a CUDA graph (it raises OptionError while capturing). check=False skips
-            that read, and nothing else: the call then never synchronises (Triton
-            backend), and a decoding step with a tensor alpha can be captured; the caller
+            host synchronisation per call on a GPU. check=False skips that read, and
+            nothing else: the call then never synchronises (Triton backend); the caller
             vouches for the values (outside [0, 1] they give NaN or wrong results).
+            While a CUDA graph is being captured the values are not read either way (a
+            replay uses the values of its moment, unchecked), so a decoding step with a
+            tensor alpha can be captured.
 
     Returns float32 log-probabilities [..., V] (float64 for float64 input): softmax of the
     result is the mixture. alpha = 1 gives exactly log_softmax(l1) (0: log_softmax(l2));
