@@ -20,12 +20,15 @@ Forward, two layouts (R rows of V columns, b_k bytes per element of model k):
   row is cut into S spans: `mix_partial_stats_kernel` writes each span's partial (m, s),
   `mix_forward_span_kernel` combines a row's S partials on chip and writes its span. Two
   launches, grid sizes from shapes only, no host synchronisation: capturable in a CUDA graph.
+  Moves the same bytes (each span's second read from L2).
 
 Backward (g = dL/dout; e_kj = p_kj / q_j, the mixture q = sum_k w_k p_k):
     grad x_k = g * w_k * e_k - p_k * c_k,   c_k = w_k d_k,   d_k = sum_j g_j e_kj = grad w_k
 `mix_backward_sums_kernel` writes per-span partial d_k for all K models in one sweep (every
 column block of every input read once), `mix_backward_grads_kernel` then writes all K
 gradients in one more sweep. Both recompute lp_k and out from the logits and the stats.
+Moves R * V * (2 * (4 + sum_k b_k) + sum_k b_k) bytes: g and the logits read twice, the
+gradients written once.
 
 Offsets are 64-bit (rows x V passes 2**31 at training sizes). The launchers below follow the
 engine interface of modkern/ops/mix_torch.py, including the pieces a vocabulary split across

@@ -45,7 +45,7 @@ import torch
 
 # Elements per chunk temporary: 4 of them (float32) should sit in a core's L2 (4 MiB here).
 CHUNK = 1 << 17
-# Up to this many rows the forward works on whole rows, not row chunks (see _few_rows).
+# Up to this many rows the forward mixes all rows at once, not in row chunks (_few_rows).
 FEW_ROWS = 8
 
 
@@ -214,28 +214,24 @@ def forward(ls, W: torch.Tensor, n_valid: int | None, stats: torch.Tensor | None
 
 
 def _few_rows(ls, W: torch.Tensor, drop: list[bool], out: torch.Tensor) -> None:
-    """out = log(sum_k w_k exp(l_k - m_k) / s_k) for a few rows (decoding on the CPU).
-    softmax works one row per thread; here every step is an elementwise pass or a
-    reduction over the whole row, which ATen spreads over all threads, and the bf16
-    inputs are widened inside the subtraction, with no copy."""
-    e = _workspace(out.numel(), out.dtype, out.device).view(out.shape)
-    nv = out.shape[1]
-    lowest = torch.finfo(out.dtype).min
+    """out = log(sum_k w_k softmax(l_k)) for a few rows (decoding on the CPU). ATen's
+    softmax gives each thread whole rows, so one row of one model would run on a single
+    core: the K models' rows are stacked (widened to float32 on the way) and go through
+    ONE softmax, K * rows rows over all threads; the rest is elementwise."""
+    R, nv = out.shape
+    p = _workspace(len(ls) * R * nv, out.dtype, out.device).view(len(ls), R, nv)
     for k, l in enumerate(ls):
-        x = l if l.shape[1] == nv else l[:, :nv]
-        # the row max (exact; NaN propagates); an all -inf row's becomes the lowest float,
-        # so e = 0 there, then w / 0 * 0 = NaN: NaN, as log_softmax gives for that row
-        m = x.amax(-1, keepdim=True).to(out.dtype).clamp_(min=lowest)
-        torch.sub(x, m, out=e).exp_()
+        p[k].copy_(l if l.shape[1] == nv else l[:, :nv])
+    flat = p.view(-1, nv)
+    _softmax_out(flat, -1, False, out=flat)  # in place: each pass reads before it writes
+    for k in range(len(ls)):
         wk = W[:, k:k + 1]
-        coef = wk / e.sum(-1, keepdim=True)
-        if drop[k]:  # a row of weight 0 leaves the model out, NaN logits and all
-            coef = torch.where(wk == 0, 0.0, coef)
-            e.masked_fill_(wk == 0, 0.0)
+        if drop[k]:  # a row of weight 0 leaves the model out (a NaN row too)
+            p[k].masked_fill_((wk == 0) & torch.isnan(p[k, :, :1]), 0.0)
         if k == 0:
-            torch.mul(e, coef, out=out)
+            torch.mul(p[0], wk, out=out)
         else:
-            out.addcmul_(e, coef)
+            out.addcmul_(p[k], wk)
     torch.log(out, out=out)
 
 
