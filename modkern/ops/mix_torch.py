@@ -214,16 +214,21 @@ def forward(ls, W: torch.Tensor, n_valid: int | None, stats: torch.Tensor | None
 
 
 def _few_rows(ls, W: torch.Tensor, drop: list[bool], out: torch.Tensor) -> None:
-    """out = log(sum_k w_k softmax(l_k)) for a few rows (decoding on the CPU). ATen's
-    softmax gives each thread whole rows, so one row of one model would run on a single
-    core: the K models' rows are stacked (widened to float32 on the way) and go through
-    ONE softmax, K * rows rows over all threads; the rest is elementwise."""
+    """out = log(sum_k w_k softmax(l_k)) for a few rows (decoding on the CPU), all rows at
+    once. ATen's softmax gives each thread whole rows, so fewer rows than threads would
+    leave cores idle: then (and for bf16/fp16, which must be widened anyway) the K models'
+    rows are stacked and go through ONE softmax; the rest is elementwise."""
     R, nv = out.shape
     p = _workspace(len(ls) * R * nv, out.dtype, out.device).view(len(ls), R, nv)
-    for k, l in enumerate(ls):
-        p[k].copy_(l if l.shape[1] == nv else l[:, :nv])
-    flat = p.view(-1, nv)
-    _softmax_out(flat, -1, False, out=flat)  # in place: each pass reads before it writes
+    xs = [l if l.shape[1] == nv else l[:, :nv] for l in ls]
+    if R >= torch.get_num_threads() and all(x.dtype == out.dtype for x in xs):
+        for k, x in enumerate(xs):
+            _softmax_out(x, -1, False, out=p[k])
+    else:
+        for k, x in enumerate(xs):
+            p[k].copy_(x)
+        flat = p.view(-1, nv)
+        _softmax_out(flat, -1, False, out=flat)  # in place: each pass reads before it writes
     for k in range(len(ls)):
         wk = W[:, k:k + 1]
         if drop[k]:  # a row of weight 0 leaves the model out (a NaN row too)
