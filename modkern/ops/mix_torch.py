@@ -230,13 +230,14 @@ def _few_rows(ls, W: torch.Tensor, drop: list[bool], out: torch.Tensor) -> None:
         flat = p.view(-1, nv)
         _softmax_out(flat, -1, False, out=flat)  # in place: each pass reads before it writes
     for k in range(len(ls)):
-        wk = W[:, k:k + 1]
         if drop[k]:  # a row of weight 0 leaves the model out (a NaN row too)
-            p[k].masked_fill_((wk == 0) & torch.isnan(p[k, :, :1]), 0.0)
-        if k == 0:
-            torch.mul(p[0], wk, out=out)
-        else:
-            out.addcmul_(p[k], wk)
+            p[k].masked_fill_((W[:, k:k + 1] == 0) & torch.isnan(p[k, :, :1]), 0.0)
+    if len(ls) == 2 and all(w1 == 1 - w0 for w0, w1 in W.tolist()):  # exactly (floats)
+        torch.lerp(p[1], p[0], W[:, :1], out=out)  # w0 p0 + (1 - w0) p1 in one pass
+    else:
+        torch.mul(p[0], W[:, :1], out=out)
+        for k in range(1, len(ls)):
+            out.addcmul_(p[k], W[:, k:k + 1])
     torch.log(out, out=out)
 
 
