@@ -1,29 +1,38 @@
-"""Mixture of K next-token distributions in Triton: out = logsumexp_k(log w_k + l_k - lse_k).
+"""Mixture of K next-token distributions in Triton (DESIGN.md 1.2), for any K:
 
-Every kernel reads the K logits tensors (up to 4, any float dtype, rows strided, columns
-contiguous) and never materializes a softmax. Per row, each model needs one number, its
-logsumexp lse_k; from it every column's output follows elementwise.
+    out_j = log sum_k w_k softmax(x_k)_j = logsumexp_k(log w_k + lp_kj),
+    lp_kj = (x_kj - m_k) - log s_k,     m_k = max_j x_kj,   s_k = sum_j exp(x_kj - m_k).
 
-Forward, two layouts:
-- many rows (training): `_fwd_row_kernel`, one program per row: an online max/sum-exp over
-  V in BLOCK chunks gives lse_k, then a second sweep writes the output, walking the row
-  backwards so the chunks read last in the first sweep are still in L2.
-- few rows (decoding, 1..64 rows of 152K): one program per row cannot fill the GPU, so the
-  vocabulary is split into S spans: `_fwd_stats_kernel` writes each span's partial
-  (max, sum-exp), `_fwd_out_kernel` combines a row's S partials on chip and writes its
-  span. Two launches, grid sizes from shapes only, no host synchronisation: capturable in
-  a CUDA graph.
+The K logits tensors (bf16, fp16 or fp32 each; rows strided, columns contiguous) reach a
+kernel as one tuple `xs` (and their row strides as `x_row_strides`), K is a compile-time
+constant: a two-model mix compiles to a two-model kernel, nothing is padded. Per row and
+model the kernels keep two numbers, the row statistics (m_k, log s_k) (`stats`, [R, K, 2]
+float32), never a softmax. The max is subtracted first, from the logits as they are:
+folding it into one logsumexp would round lse_k to float32 (an ulp is 1e-3 at |lse| = 1e4)
+and shift every log-probability of a large-logit row by that error.
 
-Backward (g = dL/dout; r_k = w_k p_k / q, the share of model k in the mixture q):
-    grad l_k = g * r_k - p_k * c_k,   c_k = sum_j g_j r_kj,   grad w_k = sum_j g_j p_kj / q_j
-`_bwd_sums_kernel` writes per-span partial c_k and grad w_k, `_bwd_grad_kernel` writes the
-gradients; both recompute out, r_k and p_k from the logits and the saved lse_k.
+Forward, two layouts (R rows of V columns, b_k bytes per element of model k):
+- many rows (training): `mix_forward_row_kernel`, one program per row: one sweep gives
+  every model's (m_k, s_k), a second writes the output, walking the row backwards so the
+  blocks read last are still in cache. Moves R * V * (2 * sum_k b_k + 4) bytes (the second
+  read mostly from L2).
+- few rows (decoding, 1..64 rows of 152K): one program per row cannot fill a GPU, so each
+  row is cut into S spans: `mix_partial_stats_kernel` writes each span's partial (m, s),
+  `mix_forward_span_kernel` combines a row's S partials on chip and writes its span. Two
+  launches, grid sizes from shapes only, no host synchronisation: capturable in a CUDA graph.
+  Moves the same bytes (each span's second read from L2).
 
-Offsets are 64-bit (rows x V passes 2**31 at training sizes). The launchers follow the
+Backward (g = dL/dout; e_kj = p_kj / q_j, the mixture q = sum_k w_k p_k):
+    grad x_k = g * w_k * e_k - p_k * c_k,   c_k = w_k d_k,   d_k = sum_j g_j e_kj = grad w_k
+`mix_backward_sums_kernel` writes per-span partial d_k for all K models in one sweep (every
+column block of every input read once), `mix_backward_grads_kernel` then writes all K
+gradients in one more sweep. Both recompute lp_k and out from the logits and the stats.
+Moves R * V * (2 * (4 + sum_k b_k) + sum_k b_k) bytes: g and the logits read twice, the
+gradients written once.
+
+Offsets are 64-bit (rows x V passes 2**31 at training sizes). The launchers below follow the
 engine interface of modkern/ops/mix_torch.py, including the pieces a vocabulary split across
-processes needs (`local_stats`, `forward(..., lse=)`, `backward_sums`, `backward_grads`:
-see modkern/ops/mix_parallel.py); `_fwd_given_lse_kernel` writes a slice's output from its
-rows' global lse_k.
+processes needs (`local_stats`, `forward(..., stats=)`, `backward_sums`, `backward_grads`).
 """
 
 from __future__ import annotations
@@ -34,57 +43,91 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_K = 4
+from .convert import narrow, widen
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # as triton reads it
-# Columns per chunk: 4096 keeps 16 KB of each fp32 row chunk in registers on a GPU; small
-# under the interpreter so CI's small V still walks several chunks and spans.
+# Columns per block: 4096 keeps 16 KB of each fp32 row chunk in registers on a GPU; small
+# under the interpreter so CI's small V still walks several blocks and spans.
 BLOCK = 1024 if _INTERPRET else 4096
 NUM_WARPS = 8
 MAX_SPLITS = 256
+NEG_INF = tl.constexpr(float("-inf"))  # a global a kernel may read
+
+
+# ---------------------------------------------------------------- building blocks
 
 
 @triton.jit
-def _put(k: tl.constexpr, v, a0, a1, a2, a3):
-    """(a0, a1, a2, a3) with a_k replaced by v, for a compile-time k (_pick's inverse)."""
-    if k == 0:
-        a0 = v
-    if k == 1:
-        a1 = v
-    if k == 2:
-        a2 = v
-    if k == 3:
-        a3 = v
-    return a0, a1, a2, a3
+def _row_starts(xs, x_row_strides, row, K: tl.constexpr):
+    """Each model's pointer to the start of `row`."""
+    starts = ()
+    for k in tl.static_range(K):
+        starts = starts + (xs[k] + row * x_row_strides[k],)
+    return starts
 
 
 @triton.jit
-def _pick(k: tl.constexpr, a0, a1, a2, a3):
-    """a_k for a compile-time k (the K tensors arrive as separate arguments)."""
-    v = a0
-    if k == 1:
-        v = a1
-    if k == 2:
-        v = a2
-    if k == 3:
-        v = a3
-    return v
+def _load_block(starts, cols, load, K: tl.constexpr):
+    """Every model's logits at `cols` as float32 (-inf where not `load`)."""
+    xs = ()
+    for k in tl.static_range(K):
+        x = tl.load(starts[k] + cols, mask=load, other=NEG_INF)
+        xs = xs + (widen(x, tl.float32),)
+    return xs
 
 
 @triton.jit
-def _span_stats(base, nv, c0, c1, BLOCK: tl.constexpr):
-    """(max, sum exp(x - max)) of one row's columns [c0, c1), columns >= nv as -inf.
-    NaN in, NaN out; all -inf gives (-inf, 0)."""
-    m = float("-inf")
-    s = 0.0
+def _span_stats(starts, n_valid, c0, c1, K: tl.constexpr, BLOCK: tl.constexpr):
+    """Per model, (max, sum exp(x - max)) over the row's columns [c0, c1) below n_valid,
+    each block read once for all K models. NaN in, NaN sum out; all -inf gives (-inf, 0)."""
+    ms = ()
+    ss = ()
+    for k in tl.static_range(K):
+        ms = ms + (tl.full([], NEG_INF, tl.float32),)
+        ss = ss + (tl.full([], 0.0, tl.float32),)
     for start in range(c0, c1, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        x = tl.load(base + cols, mask=(cols < c1) & (cols < nv), other=float("-inf"))
-        x = x.to(tl.float32)
-        new_m = tl.maximum(m, tl.max(x, axis=0))
-        shift = tl.where(new_m == float("-inf"), 0.0, new_m)  # -inf - -inf would be NaN
-        s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
-        m = new_m
-    return m, s
+        xs = _load_block(starts, cols, (cols < c1) & (cols < n_valid), K)
+        new_ms = ()
+        new_ss = ()
+        for k in tl.static_range(K):
+            m = tl.maximum(ms[k], tl.max(xs[k], axis=0))
+            shift = tl.where(m == NEG_INF, 0.0, m)  # -inf - -inf would be NaN
+            s = ss[k] * tl.exp(ms[k] - shift) + tl.sum(tl.exp(xs[k] - shift), axis=0)
+            new_ms = new_ms + (m,)
+            new_ss = new_ss + (s,)
+        ms = new_ms
+        ss = new_ss
+    return ms, ss
+
+
+@triton.jit
+def _load_stats(stats_ptr, row, K: tl.constexpr):
+    """The row's (m_k, log s_k) for every model, from stats [R, K, 2]."""
+    ms = ()
+    lss = ()
+    for k in tl.static_range(K):
+        ms = ms + (tl.load(stats_ptr + (row * K + k) * 2),)
+        lss = lss + (tl.load(stats_ptr + (row * K + k) * 2 + 1),)
+    return ms, lss
+
+
+@triton.jit
+def _load_weights(w_ptr, w_row_stride, row, K: tl.constexpr):
+    ws = ()
+    for k in tl.static_range(K):
+        ws = ws + (tl.load(w_ptr + row * w_row_stride + k),)
+    return ws
+
+
+@triton.jit
+def _log_softmax(xs, ms, lss, K: tl.constexpr):
+    """lp_k = (x_k - m_k) - log s_k: the max subtracted first, so lp_k is exact to an ulp
+    of itself however large the logits."""
+    lps = ()
+    for k in tl.static_range(K):
+        lps = lps + ((xs[k] - ms[k]) - lss[k],)
+    return lps
 
 
 @triton.jit
@@ -93,202 +136,200 @@ def _logaddexp(a, b):
     mx = tl.where(a > b, a, b)
     d = a - b  # NaN when either is NaN (or both are -inf)
     r = mx + tl.log(1.0 + tl.exp(-tl.abs(d)))
-    return tl.where(mx == float("-inf"), float("-inf"), r)
+    return tl.where(mx == NEG_INF, NEG_INF, r)
 
 
 @triton.jit
-def _row_weights(w_ptr, row, w_rs, k: tl.constexpr):
-    w = tl.load(w_ptr + row * w_rs + k).to(tl.float32)
-    return w, tl.log(w)
+def _mixture(lps, ws, K: tl.constexpr):
+    """logsumexp_k(log w_k + lp_k); a model of weight 0 is left out (even where lp_k is
+    NaN), a column where every term is -inf gives -inf."""
+    out = tl.where(ws[0] > 0, tl.log(ws[0]) + lps[0], NEG_INF)
+    for k in tl.static_range(1, K):
+        out = _logaddexp(out, tl.where(ws[k] > 0, tl.log(ws[k]) + lps[k], NEG_INF))
+    return out
 
 
 @triton.jit
-def _term(x, lse, w, logw):
-    """log w + log_softmax, and -inf for a model with weight 0 (even if x is NaN)."""
-    return tl.where(w > 0, logw + (x - lse), float("-inf"))
+def _share(lp, out):
+    """e = p / q = exp(lp - out); 0 where the model has no mass (or a NaN row)."""
+    return tl.where((lp == NEG_INF) | (lp != lp), 0.0, tl.exp(lp - out))
 
 
 @triton.jit
-def _write_block(p0, p1, p2, p3, out_row, w_ptr, w_rs, row, lse0, lse1, lse2, lse3,
-                 cols, nv, V, K: tl.constexpr):
-    load = cols < nv
-    res = tl.full(cols.shape, float("-inf"), tl.float32)
+def _block_again(starts, g_row, cols, load, ms, lss, ws, K: tl.constexpr):
+    """For the backward: a block's upstream gradient g, every model's lp_k, and out,
+    recomputed from the logits and the row stats."""
+    g = tl.load(g_row + cols, mask=load, other=0.0).to(tl.float32)
+    lps = _log_softmax(_load_block(starts, cols, load, K), ms, lss, K)
+    return g, lps, _mixture(lps, ws, K)
+
+
+@triton.jit
+def _write_span(starts, out_row, ws, ms, lss, c0, c1, n_valid, K: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """The output of one row's columns [c0, c1), walking backwards: the blocks read last
+    by the statistics sweep are the first read again. Reads sum_k b_k and writes 4 bytes
+    per column."""
+    n_blocks = tl.cdiv(c1 - c0, BLOCK)
+    for i in range(0, n_blocks):
+        cols = c0 + (n_blocks - 1 - i) * BLOCK + tl.arange(0, BLOCK)
+        xs = _load_block(starts, cols, (cols < c1) & (cols < n_valid), K)
+        out = _mixture(_log_softmax(xs, ms, lss, K), ws, K)
+        tl.store(out_row + cols, out, mask=cols < c1)
+
+
+@triton.jit
+def _store_stats(stats_ptr, row, ms, ss, K: tl.constexpr):
+    """stats[row, k] = (m_k, log s_k); returns the log sums."""
+    lss = ()
     for k in tl.static_range(K):
-        x = tl.load(_pick(k, p0, p1, p2, p3) + cols, mask=load, other=float("-inf"))
-        w, logw = _row_weights(w_ptr, row, w_rs, k)
-        t = _term(x.to(tl.float32), _pick(k, lse0, lse1, lse2, lse3), w, logw)
-        if k == 0:
-            res = t
-        else:
-            res = _logaddexp(res, t)
-    tl.store(out_row + cols, res, mask=cols < V)
+        ls = tl.log(ss[k])
+        tl.store(stats_ptr + (row * K + k) * 2, ms[k])
+        tl.store(stats_ptr + (row * K + k) * 2 + 1, ls)
+        lss = lss + (ls,)
+    return lss
 
 
 @triton.jit
-def _fwd_row_kernel(p0, p1, p2, p3, rs0, rs1, rs2, rs3, w_ptr, w_rs, out_ptr, lse_ptr,
-                    nv, V, K: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    b0, b1, b2, b3 = p0 + row * rs0, p1 + row * rs1, p2 + row * rs2, p3 + row * rs3
-    lse0, lse1, lse2, lse3 = 0.0, 0.0, 0.0, 0.0
-    for k in tl.static_range(K):
-        m, s = _span_stats(_pick(k, b0, b1, b2, b3), nv, 0, V, BLOCK)
-        lse = m + tl.log(s)  # all -inf: -inf (then the row is NaN, as log_softmax's)
-        tl.store(lse_ptr + row * K + k, lse)
-        lse0, lse1, lse2, lse3 = _put(k, lse, lse0, lse1, lse2, lse3)
-    n_blocks = tl.cdiv(V, BLOCK)
-    for i in range(0, n_blocks):  # backwards: the row's tail is the freshest in cache
-        cols = (n_blocks - 1 - i) * BLOCK + tl.arange(0, BLOCK)
-        _write_block(b0, b1, b2, b3, out_ptr + row * V, w_ptr, w_rs, row,
-                     lse0, lse1, lse2, lse3, cols, nv, V, K)
-
-
-@triton.jit
-def _fwd_stats_kernel(p0, p1, p2, p3, rs0, rs1, rs2, rs3, pm_ptr, ps_ptr, nv, V, span,
-                      K: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    sid = tl.program_id(1)
-    n_split = tl.num_programs(1)
-    c0 = sid * span
-    c1 = tl.minimum(c0 + span, V)
-    for k in tl.static_range(K):
-        base = _pick(k, p0 + row * rs0, p1 + row * rs1, p2 + row * rs2, p3 + row * rs3)
-        m, s = _span_stats(base, nv, c0, c1, BLOCK)
-        at = (row * n_split + sid) * K + k
-        tl.store(pm_ptr + at, m)
-        tl.store(ps_ptr + at, s)
-
-
-@triton.jit
-def _combine(pm_ptr, ps_ptr, row, n_split, k: tl.constexpr, K: tl.constexpr,
-             SPLITS: tl.constexpr):
-    """lse of one row and model from its n_split partial (max, sum-exp) pairs."""
+def _combine_partials(part_ptr, row, n_split, K: tl.constexpr, SPLITS: tl.constexpr):
+    """A row's (m_k, s_k) from its n_split partial pairs, part [R, n_split, K, 2]."""
     i = tl.arange(0, SPLITS)
-    at = (row * n_split + i) * K + k
-    pm = tl.load(pm_ptr + at, mask=i < n_split, other=float("-inf"))
-    ps = tl.load(ps_ptr + at, mask=i < n_split, other=0.0)
-    m = tl.max(pm, axis=0)
-    shift = tl.where(m == float("-inf"), 0.0, m)
-    return m + tl.log(tl.sum(ps * tl.exp(pm - shift), axis=0))
+    ms = ()
+    ss = ()
+    for k in tl.static_range(K):
+        at = ((row * n_split + i) * K + k) * 2
+        pm = tl.load(part_ptr + at, mask=i < n_split, other=NEG_INF)
+        ps = tl.load(part_ptr + at + 1, mask=i < n_split, other=0.0)
+        m = tl.max(pm, axis=0)
+        shift = tl.where(m == NEG_INF, 0.0, m)
+        ms = ms + (m,)
+        ss = ss + (tl.sum(ps * tl.exp(pm - shift), axis=0),)
+    return ms, ss
+
+
+# ---------------------------------------------------------------- forward kernels
 
 
 @triton.jit
-def _fwd_out_kernel(p0, p1, p2, p3, rs0, rs1, rs2, rs3, w_ptr, w_rs, pm_ptr, ps_ptr,
-                    out_ptr, lse_ptr, nv, V, span, K: tl.constexpr, SPLITS: tl.constexpr,
-                    BLOCK: tl.constexpr):
+def mix_forward_row_kernel(xs, x_row_strides, w_ptr, w_row_stride, out_ptr, stats_ptr,
+                           n_valid, V, K: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per row: the row's stats, then its output. Reads 2 * sum_k b_k, writes
+    4 bytes per column (plus 8 K bytes of stats per row)."""
+    row = tl.program_id(0).to(tl.int64)
+    starts = _row_starts(xs, x_row_strides, row, K)
+    ms, ss = _span_stats(starts, n_valid, 0, V, K, BLOCK)
+    lss = _store_stats(stats_ptr, row, ms, ss, K)
+    ws = _load_weights(w_ptr, w_row_stride, row, K)
+    _write_span(starts, out_ptr + row * V, ws, ms, lss, 0, V, n_valid, K, BLOCK)
+
+
+@triton.jit
+def mix_partial_stats_kernel(xs, x_row_strides, part_ptr, n_valid, V, span,
+                             K: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (row, span): the span's partial (m_k, s_k) into part [R, S, K, 2]. Reads
+    sum_k b_k per column, writes 8 K bytes."""
     row = tl.program_id(0).to(tl.int64)
     sid = tl.program_id(1)
-    n_split = tl.num_programs(1)
-    lse0, lse1, lse2, lse3 = 0.0, 0.0, 0.0, 0.0
+    c0 = sid * span
+    starts = _row_starts(xs, x_row_strides, row, K)
+    ms, ss = _span_stats(starts, n_valid, c0, tl.minimum(c0 + span, V), K, BLOCK)
     for k in tl.static_range(K):
-        lse = _combine(pm_ptr, ps_ptr, row, n_split, k, K, SPLITS)
-        if sid == 0:
-            tl.store(lse_ptr + row * K + k, lse)
-        lse0, lse1, lse2, lse3 = _put(k, lse, lse0, lse1, lse2, lse3)
-    _write_span(p0, p1, p2, p3, rs0, rs1, rs2, rs3, w_ptr, w_rs, out_ptr, row, sid * span,
-                lse0, lse1, lse2, lse3, nv, V, span, K, BLOCK)
+        at = ((row * tl.num_programs(1) + sid) * K + k) * 2
+        tl.store(part_ptr + at, ms[k])
+        tl.store(part_ptr + at + 1, ss[k])
 
 
 @triton.jit
-def _write_span(p0, p1, p2, p3, rs0, rs1, rs2, rs3, w_ptr, w_rs, out_ptr, row, c0,
-                lse0, lse1, lse2, lse3, nv, V, span, K: tl.constexpr, BLOCK: tl.constexpr):
-    """The output of one row's columns [c0, c0 + span), given the row's lse_k."""
-    b0, b1, b2, b3 = p0 + row * rs0, p1 + row * rs1, p2 + row * rs2, p3 + row * rs3
+def mix_forward_span_kernel(xs, x_row_strides, w_ptr, w_row_stride, part_ptr, stats_ptr,
+                            out_ptr, n_valid, V, span, K: tl.constexpr,
+                            SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (row, span): combines the row's partials into its stats (stored by span 0)
+    and writes the span's output. Reads sum_k b_k and writes 4 bytes per column."""
+    row = tl.program_id(0).to(tl.int64)
+    sid = tl.program_id(1)
+    ms, ss = _combine_partials(part_ptr, row, tl.num_programs(1), K, SPLITS)
+    lss = ()
+    for k in tl.static_range(K):
+        lss = lss + (tl.log(ss[k]),)
+    if sid == 0:
+        _store_stats(stats_ptr, row, ms, ss, K)
+    ws = _load_weights(w_ptr, w_row_stride, row, K)
+    c0 = sid * span
+    _write_span(_row_starts(xs, x_row_strides, row, K), out_ptr + row * V, ws, ms, lss,
+                c0, tl.minimum(c0 + span, V), n_valid, K, BLOCK)
+
+
+@triton.jit
+def mix_forward_given_stats_kernel(xs, x_row_strides, w_ptr, w_row_stride, stats_ptr,
+                                   out_ptr, n_valid, V, span, K: tl.constexpr,
+                                   BLOCK: tl.constexpr):
+    """Program (row, span): a vocabulary slice's output from its rows' stats over the
+    whole vocabulary (modkern/ops/mix_parallel.py). Reads sum_k b_k, writes 4 bytes per
+    column."""
+    row = tl.program_id(0).to(tl.int64)
+    c0 = tl.program_id(1) * span
+    ms, lss = _load_stats(stats_ptr, row, K)
+    ws = _load_weights(w_ptr, w_row_stride, row, K)
+    _write_span(_row_starts(xs, x_row_strides, row, K), out_ptr + row * V, ws, ms, lss,
+                c0, tl.minimum(c0 + span, V), n_valid, K, BLOCK)
+
+
+# ---------------------------------------------------------------- backward kernels
+
+
+@triton.jit
+def mix_backward_sums_kernel(xs, x_row_strides, g_ptr, g_row_stride, w_ptr, w_row_stride,
+                             stats_ptr, part_ptr, n_valid, V, span, K: tl.constexpr,
+                             BLOCK: tl.constexpr):
+    """Program (row, span): the span's partial d_k = sum_j g_j p_kj / q_j of every model,
+    into part [R, S, K], in one sweep. Reads 4 + sum_k b_k per column, writes 4 K bytes."""
+    row = tl.program_id(0).to(tl.int64)
+    sid = tl.program_id(1)
+    starts = _row_starts(xs, x_row_strides, row, K)
+    ms, lss = _load_stats(stats_ptr, row, K)
+    ws = _load_weights(w_ptr, w_row_stride, row, K)
+    c0 = sid * span
+    c1 = tl.minimum(c0 + span, n_valid)
+    acc = ()
+    for k in tl.static_range(K):
+        acc = acc + (tl.zeros([BLOCK], tl.float32),)
+    for start in range(c0, c1, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        load = cols < c1
+        g, lps, out = _block_again(starts, g_ptr + row * g_row_stride, cols, load, ms, lss,
+                                   ws, K)
+        new = ()
+        for k in tl.static_range(K):
+            new = new + (acc[k] + tl.where(g == 0, 0.0, g * _share(lps[k], out)),)
+        acc = new
+    for k in tl.static_range(K):
+        tl.store(part_ptr + (row * tl.num_programs(1) + sid) * K + k, tl.sum(acc[k], axis=0))
+
+
+@triton.jit
+def mix_backward_grads_kernel(xs, x_row_strides, grads, g_ptr, g_row_stride, w_ptr,
+                              w_row_stride, stats_ptr, c_ptr, n_valid, V, span,
+                              K: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (row, span): grad x_k = g w_k e_k - p_k c_k for every model in one sweep
+    (0 for a model of weight 0 and beyond n_valid). Reads 4 + sum_k b_k, writes sum_k b_k
+    per column."""
+    row = tl.program_id(0).to(tl.int64)
+    starts = _row_starts(xs, x_row_strides, row, K)
+    ms, lss = _load_stats(stats_ptr, row, K)
+    ws = _load_weights(w_ptr, w_row_stride, row, K)
+    c0 = tl.program_id(1) * span
     c1 = tl.minimum(c0 + span, V)
     for start in range(c0, c1, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        _write_block(b0, b1, b2, b3, out_ptr + row * V, w_ptr, w_rs, row,
-                     lse0, lse1, lse2, lse3, tl.where(cols < c1, cols, V), nv, V, K)
-
-
-@triton.jit
-def _fwd_given_lse_kernel(p0, p1, p2, p3, rs0, rs1, rs2, rs3, w_ptr, w_rs, out_ptr, lse_ptr,
-                          nv, V, span, K: tl.constexpr, BLOCK: tl.constexpr):
-    """The output of a vocabulary slice from its rows' global lse_k (mix_parallel)."""
-    row = tl.program_id(0).to(tl.int64)
-    lse0 = tl.load(lse_ptr + row * K)
-    lse1, lse2, lse3 = lse0, lse0, lse0
-    if K > 1:
-        lse1 = tl.load(lse_ptr + row * K + 1)
-    if K > 2:
-        lse2 = tl.load(lse_ptr + row * K + 2)
-    if K > 3:
-        lse3 = tl.load(lse_ptr + row * K + 3)
-    _write_span(p0, p1, p2, p3, rs0, rs1, rs2, rs3, w_ptr, w_rs, out_ptr, row,
-                tl.program_id(1) * span, lse0, lse1, lse2, lse3, nv, V, span, K, BLOCK)
-
-
-@triton.jit
-def _bwd_block(p0, p1, p2, p3, g_row, w_ptr, w_rs, row, lse_ptr, cols, nv, k: tl.constexpr,
-               K: tl.constexpr):
-    """For one block of columns and one model k: (g, r_k, p_k/q, p_k) recomputed."""
-    load = cols < nv
-    g = tl.load(g_row + cols, mask=load, other=0.0).to(tl.float32)
-    out = tl.full(cols.shape, float("-inf"), tl.float32)
-    t_k = out
-    lp_k = out
-    for j in tl.static_range(K):
-        x = tl.load(_pick(j, p0, p1, p2, p3) + cols, mask=load, other=float("-inf"))
-        w, logw = _row_weights(w_ptr, row, w_rs, j)
-        lp = x.to(tl.float32) - tl.load(lse_ptr + row * K + j)
-        t = _term(x.to(tl.float32), tl.load(lse_ptr + row * K + j), w, logw)
-        if j == 0:
-            out = t
-        else:
-            out = _logaddexp(out, t)
-        if j == k:
-            t_k = t
-            lp_k = lp
-    r = tl.where(t_k == float("-inf"), 0.0, tl.exp(t_k - out))
-    # p_k / q; 0 where model k has no mass (or is a dropped NaN row), or nothing asks
-    e = tl.where((lp_k == float("-inf")) | (lp_k != lp_k) | (g == 0), 0.0,
-                 tl.exp(lp_k - out))
-    p = tl.where(lp_k != lp_k, 0.0, tl.exp(lp_k))
-    return g, r, e, p
-
-
-@triton.jit
-def _bwd_sums_kernel(p0, p1, p2, p3, rs0, rs1, rs2, rs3, g_ptr, g_rs, w_ptr, w_rs, lse_ptr,
-                     pc_ptr, pd_ptr, nv, V, span, K: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    sid = tl.program_id(1)
-    n_split = tl.num_programs(1)
-    b0, b1, b2, b3 = p0 + row * rs0, p1 + row * rs1, p2 + row * rs2, p3 + row * rs3
-    c0 = sid * span
-    c1 = tl.minimum(c0 + span, nv)
-    for k in tl.static_range(K):
-        c = tl.zeros([BLOCK], tl.float32)
-        d = tl.zeros([BLOCK], tl.float32)
-        for start in range(c0, c1, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            cols = tl.where(cols < c1, cols, nv)  # past the span: masked like padding
-            g, r, e, p = _bwd_block(b0, b1, b2, b3, g_ptr + row * g_rs, w_ptr, w_rs, row,
-                                    lse_ptr, cols, nv, k, K)
-            c += g * r
-            d += g * e
-        at = (row * n_split + sid) * K + k
-        tl.store(pc_ptr + at, tl.sum(c, axis=0))
-        tl.store(pd_ptr + at, tl.sum(d, axis=0))
-
-
-@triton.jit
-def _bwd_grad_kernel(p0, p1, p2, p3, rs0, rs1, rs2, rs3, q0, q1, q2, q3, g_ptr, g_rs,
-                     w_ptr, w_rs, lse_ptr, c_ptr, nv, V, span, K: tl.constexpr,
-                     BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    sid = tl.program_id(1)
-    b0, b1, b2, b3 = p0 + row * rs0, p1 + row * rs1, p2 + row * rs2, p3 + row * rs3
-    c0 = sid * span
-    c1 = tl.minimum(c0 + span, V)
-    for k in tl.static_range(K):
-        c_k = tl.load(c_ptr + row * K + k)
-        w, _ = _row_weights(w_ptr, row, w_rs, k)
-        dst = _pick(k, q0, q1, q2, q3) + row * V
-        for start in range(c0, c1, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            g, r, e, p = _bwd_block(b0, b1, b2, b3, g_ptr + row * g_rs, w_ptr, w_rs, row,
-                                    lse_ptr, cols, nv, k, K)
-            grad = tl.where(w > 0, g * r - p * c_k, 0.0)
-            tl.store(dst + cols, grad.to(dst.dtype.element_ty), mask=cols < c1)
+        load = cols < n_valid
+        g, lps, out = _block_again(starts, g_ptr + row * g_row_stride, cols, load, ms, lss,
+                                   ws, K)
+        for k in tl.static_range(K):
+            c_k = tl.load(c_ptr + row * K + k)
+            p = tl.where(lps[k] != lps[k], 0.0, tl.exp(lps[k]))
+            grad = tl.where(ws[k] > 0, g * ws[k] * _share(lps[k], out) - p * c_k, 0.0)
+            dst = grads[k] + row * V + cols
+            tl.store(dst, narrow(grad, dst.dtype.element_ty), mask=cols < c1)
 
 
 # ---------------------------------------------------------------- launchers
@@ -302,123 +343,126 @@ def _device_programs(device: torch.device) -> int:
     return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _split(rows: int, V: int, device: torch.device) -> tuple[int, int]:
-    """(spans per row, columns per span): one span per row once the rows alone fill the
-    device, else enough spans (whole BLOCKs each) to give every SM work."""
-    want = _device_programs(device)
-    if rows >= want:
-        return 1, V
-    splits = min(MAX_SPLITS, triton.cdiv(V, BLOCK), triton.cdiv(want, rows))
-    span = triton.cdiv(triton.cdiv(V, splits), BLOCK) * BLOCK
-    return triton.cdiv(V, span), span
-
-
-def _args(ls):
-    """The K logits tensors and their row strides, padded to MAX_K arguments."""
-    ts = list(ls) + [ls[0]] * (MAX_K - len(ls))
-    return ts + [t.stride(0) for t in ts]
-
-
-def _weights(W: torch.Tensor):
-    W = W.to(torch.float32).contiguous()
-    return W, (W.shape[1] if W.shape[0] > 1 else 0)
-
-
-def _spans(R: int, V: int, dev: torch.device, splits: int | None) -> tuple[int, int]:
-    """(spans per row, columns per span), forced to `splits` spans when given."""
+def _spans(R: int, V: int, device: torch.device, splits: int | None) -> tuple[int, int]:
+    """(spans per row, columns per span): `splits` spans when given; else one span per row
+    once the rows alone fill the device, or enough spans (whole BLOCKs each) to give every
+    SM work."""
     if splits is None:
-        return _split(R, V, dev)
+        want = _device_programs(device)
+        if R >= want:
+            return 1, max(V, 1)
+        splits = min(MAX_SPLITS, triton.cdiv(V, BLOCK), triton.cdiv(want, R))
     span = triton.cdiv(triton.cdiv(V, splits), BLOCK) * BLOCK
     return triton.cdiv(V, span), span
+
+
+def _inputs(ls) -> dict:
+    """The logits as kernel arguments: one tuple of tensors, one of row strides."""
+    return {"xs": tuple(ls), "x_row_strides": tuple(t.stride(0) for t in ls)}
+
+
+def _weights(W: torch.Tensor) -> dict:
+    """W [R or 1, K] as kernel arguments (a row stride of 0 broadcasts one row)."""
+    W = W.to(torch.float32).contiguous()
+    return {"w_ptr": W, "w_row_stride": W.shape[1] if W.shape[0] > 1 else 0}
+
+
+def _launch_options(K: int) -> dict:
+    return {"K": K, "BLOCK": BLOCK, "num_warps": NUM_WARPS}
+
+
+def _n_valid(V: int, n_valid: int | None) -> int:
+    return V if n_valid is None else n_valid
 
 
 def local_stats(ls, n_valid: int | None, splits: int | None = None):
     """Per row, span and model the partial (max, sum exp(x - max)) over the columns
-    < n_valid, [R, S, K] float32 each (the logsumexp of a row is their combination)."""
+    < n_valid, [R, S, K] float32 each (a row's stats are their combination)."""
     R, V = ls[0].shape
-    nv = V if n_valid is None else n_valid
     n_split, span = _spans(R, V, ls[0].device, splits)
-    pm = torch.empty(R, n_split, len(ls), dtype=torch.float32, device=ls[0].device)
-    ps = torch.empty_like(pm)
-    _fwd_stats_kernel[(R, n_split)](*_args(ls), pm, ps, nv, V, span, K=len(ls), BLOCK=BLOCK,
-                                    num_warps=NUM_WARPS)
-    return pm, ps
+    part = torch.empty(R, n_split, len(ls), 2, dtype=torch.float32, device=ls[0].device)
+    mix_partial_stats_kernel[(R, n_split)](**_inputs(ls), part_ptr=part,
+                                           n_valid=_n_valid(V, n_valid), V=V, span=span,
+                                           **_launch_options(len(ls)))
+    return part[..., 0], part[..., 1]
 
 
 def forward(ls, W: torch.Tensor, n_valid: int | None, splits: int | None = None,
-            lse: torch.Tensor | None = None):
-    """out [R, V] float32 and lse [R, K] (saved for the backward). splits: force the
-    number of vocabulary spans per row (None: chosen from the shape). lse: the rows'
-    logsumexps when the rows extend beyond these columns (a vocabulary slice)."""
+            stats: torch.Tensor | None = None):
+    """out [R, V] float32 and the row stats [R, K, 2] (m_k, log s_k), saved for the
+    backward. splits: force the number of vocabulary spans per row (None: from the shape).
+    stats: the rows' stats when the rows extend beyond these columns (a vocabulary slice)."""
     R, V = ls[0].shape
     K = len(ls)
-    nv = V if n_valid is None else n_valid
     dev = ls[0].device
-    W, w_rs = _weights(W)
     out = torch.empty(R, V, dtype=torch.float32, device=dev)
     n_split, span = _spans(R, V, dev, splits)
-    if lse is not None:
-        lse = lse.to(torch.float32).contiguous()
-        _fwd_given_lse_kernel[(R, n_split)](*_args(ls), W, w_rs, out, lse, nv, V, span, K=K,
-                                            BLOCK=BLOCK, num_warps=NUM_WARPS)
-        return out, lse
-    lse = torch.empty(R, K, dtype=torch.float32, device=dev)
+    args = {**_inputs(ls), **_weights(W), "out_ptr": out, "n_valid": _n_valid(V, n_valid),
+            "V": V, **_launch_options(K)}
+    if stats is not None:
+        stats = stats.to(torch.float32).contiguous()
+        mix_forward_given_stats_kernel[(R, n_split)](stats_ptr=stats, span=span, **args)
+        return out, stats
+    stats = torch.empty(R, K, 2, dtype=torch.float32, device=dev)
     if n_split == 1 and splits is None:
-        _fwd_row_kernel[(R,)](*_args(ls), W, w_rs, out, lse, nv, V, K=K, BLOCK=BLOCK,
-                              num_warps=NUM_WARPS)
-        return out, lse
-    pm = torch.empty(R, n_split, K, dtype=torch.float32, device=dev)
-    ps = torch.empty_like(pm)
-    _fwd_stats_kernel[(R, n_split)](*_args(ls), pm, ps, nv, V, span, K=K, BLOCK=BLOCK,
-                                    num_warps=NUM_WARPS)
-    _fwd_out_kernel[(R, n_split)](*_args(ls), W, w_rs, pm, ps, out, lse, nv, V, span, K=K,
-                                  SPLITS=max(2, triton.next_power_of_2(n_split)),
-                                  BLOCK=BLOCK, num_warps=NUM_WARPS)
-    return out, lse
+        mix_forward_row_kernel[(R,)](stats_ptr=stats, **args)
+        return out, stats
+    part = torch.empty(R, n_split, K, 2, dtype=torch.float32, device=dev)
+    mix_partial_stats_kernel[(R, n_split)](**_inputs(ls), part_ptr=part,
+                                           n_valid=args["n_valid"], V=V, span=span,
+                                           **_launch_options(K))
+    mix_forward_span_kernel[(R, n_split)](part_ptr=part, stats_ptr=stats, span=span,
+                                          SPLITS=max(2, triton.next_power_of_2(n_split)),
+                                          **args)
+    return out, stats
 
 
-def backward(ls, W: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, n_valid: int | None,
+def backward(ls, W: torch.Tensor, stats: torch.Tensor, g: torch.Tensor, n_valid: int | None,
              need_w: bool, splits: int | None = None):
     """Gradients of sum(g * out) to each logits tensor (in its dtype) and to W."""
     g = g if g.stride(-1) == 1 else g.contiguous()  # once, for both kernels (g may be an
     # expanded scalar gradient)
-    c, d = backward_sums(ls, W, lse, g, n_valid, splits)
-    grads = backward_grads(ls, W, lse, g, c, n_valid, splits)
+    c, d = backward_sums(ls, W, stats, g, n_valid, splits)
+    grads = backward_grads(ls, W, stats, g, c, n_valid, splits)
     if not need_w:
         return grads, None
     gW = d.to(W.dtype)
     return grads, (gW if W.shape[0] > 1 else gW.sum(0, keepdim=True))
 
 
-def backward_sums(ls, W: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
+def backward_sums(ls, W: torch.Tensor, stats: torch.Tensor, g: torch.Tensor,
                   n_valid: int | None, splits: int | None = None):
-    """Per row and model c_k = sum_j g_j r_kj and d_k = sum_j g_j p_kj / q_j (= grad w_k)
-    over these columns, [R, K] float32 each."""
+    """Per row and model c_k = sum_j g_j w_k p_kj / q_j and d_k = sum_j g_j p_kj / q_j
+    (= grad w_k) over these columns, [R, K] float32 each."""
     R, V = ls[0].shape
-    nv = V if n_valid is None else n_valid
-    Wf, w_rs = _weights(W)
+    K = len(ls)
     g = g if g.stride(-1) == 1 else g.contiguous()
+    stats = stats.to(torch.float32).contiguous()
+    weights = _weights(W)
     n_split, span = _spans(R, V, ls[0].device, splits)
-    pc = torch.empty(R, n_split, len(ls), dtype=torch.float32, device=ls[0].device)
-    pd = torch.empty_like(pc)
-    _bwd_sums_kernel[(R, n_split)](*_args(ls), g, g.stride(0), Wf, w_rs, lse, pc, pd, nv, V,
-                                   span, K=len(ls), BLOCK=BLOCK, num_warps=NUM_WARPS)
-    return pc.sum(1), pd.sum(1)
+    part = torch.empty(R, n_split, K, dtype=torch.float32, device=ls[0].device)
+    mix_backward_sums_kernel[(R, n_split)](**_inputs(ls), g_ptr=g, g_row_stride=g.stride(0),
+                                           **weights, stats_ptr=stats, part_ptr=part,
+                                           n_valid=_n_valid(V, n_valid), V=V, span=span,
+                                           **_launch_options(K))
+    d = part.sum(1)
+    Wf = weights["w_ptr"]
+    return torch.where(Wf > 0, Wf * d, 0.0), d
 
 
-def backward_grads(ls, W: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, c: torch.Tensor,
+def backward_grads(ls, W: torch.Tensor, stats: torch.Tensor, g: torch.Tensor, c: torch.Tensor,
                    n_valid: int | None, splits: int | None = None):
     """Gradients to each logits tensor (in its dtype), given the rows' c [R, K]."""
     R, V = ls[0].shape
-    K = len(ls)
-    nv = V if n_valid is None else n_valid
     dev = ls[0].device
-    Wf, w_rs = _weights(W)
     g = g if g.stride(-1) == 1 else g.contiguous()
-    c = c.to(torch.float32).contiguous()
+    stats = stats.to(torch.float32).contiguous()
     n_split, span = _spans(R, V, dev, splits)
-    grads = [torch.empty(R, V, dtype=l.dtype, device=dev) for l in ls]
-    gpad = grads + [grads[0]] * (MAX_K - K)
-    _bwd_grad_kernel[(R, n_split)](*_args(ls), *gpad, g, g.stride(0), Wf, w_rs, lse, c, nv,
-                                   V, span, K=K, BLOCK=BLOCK, num_warps=NUM_WARPS)
-    return grads
+    grads = tuple(torch.empty(R, V, dtype=l.dtype, device=dev) for l in ls)
+    mix_backward_grads_kernel[(R, n_split)](**_inputs(ls), grads=grads, g_ptr=g,
+                                            g_row_stride=g.stride(0), **_weights(W),
+                                            stats_ptr=stats,
+                                            c_ptr=c.to(torch.float32).contiguous(),
+                                            n_valid=_n_valid(V, n_valid), V=V, span=span,
+                                            **_launch_options(len(ls)))
+    return list(grads)

@@ -15,10 +15,17 @@ Tolerances (|got - want| <= ATOL + RTOL * |want|, want computed in float64):
   g * r - p * c cancels.
 - Weight gradients are sums over V of g * p/q, which may be large where a model is much more
   confident than the mixture: compared with RTOL 1e-4 relative to the largest entry.
+- Logits of magnitude 1e4 (`big_pair`) keep these same tolerances: every backend subtracts
+  the row max m (an input value, exact) before anything else, so x - m is exact or
+  rounded to half an ulp of itself (relative 6e-8 < RTOL), and the remaining row constant
+  log s is small (|log s| <= log V) and good to ~1e-7 absolute. What would not fit them is
+  the float32 logsumexp lse = m + log s: an ulp of 1e4 is 2**-10, so x - lse could be off
+  by 5e-4, twenty times ATOL.
 """
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 ATOL_OUT = 2e-5
@@ -73,3 +80,55 @@ def assert_close_grad(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype)
     err = (got - want).abs()
     bound = rtol * want.abs() + rtol * 0.1 * scale + 1e-7 * scale
     assert bool((err <= bound).all()), f"max error {err.max().item():.3g} (scale {scale:.3g})"
+
+
+def big_pair(rows=6, V=1031, dtype=torch.float32, seed=0):
+    """Two logits tensors [rows, V] of magnitude 1e4, every row a different trap: mixed
+    signs of +-1e4, a row near +1e4 with -inf masks, a row near -1e4, a row whose tokens
+    sit 75 below 40 tokens near +1e4 in one model and far below in the other (the mixture
+    underflows float32 there: log-domain fix-ups, with a log sum far from 0), rows where
+    the models are offset from each other by 2e4."""
+    l1 = logits((rows, V), torch.float64, seed=seed)
+    l2 = logits((rows, V), torch.float64, seed=seed + 1)
+    sign = torch.randint(0, 2, (V,), generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    l1[0] += 1e4 * sign
+    l2[0] -= 1e4 * sign
+    l1[1] += 1e4
+    l2[1] += 1e4
+    l1[1, :7] = NEG_INF
+    l2[1, 3:9] = NEG_INF           # columns 3..6 masked in both
+    l1[2] -= 1e4
+    l2[2] += 1e4
+    l1[3, 40:] += 1e4 - 75.0       # 75 below the 40 tokens near +1e4: q < 1e-30 there
+    l1[3, :40] += 1e4
+    l2[3] -= 1e4
+    l2[3, :40] = 0.0               # model 2 confident where model 1 is too
+    if rows > 4:
+        l1[4] = -1e4 + l1[4]
+        l2[4] = -1e4 - 60.0 * (torch.arange(V) % 3)
+    if rows > 5:
+        l1[5] += 9999.5
+        l2[5, V // 2:] = NEG_INF
+    return l1.to(dtype), l2.to(dtype)
+
+
+MIX_BACKENDS = ("torch", "torch-chunked", "triton")
+
+
+def _choose_backend(request, monkeypatch) -> str:
+    """Every mix backend, each checked against the reference: "torch-chunked" is the torch
+    backend with its few-rows path off, so small test tensors also take the row-chunked
+    path that many rows take."""
+    if request.param == "triton":
+        pytest.importorskip("triton")
+    if request.param == "torch-chunked":
+        from modkern.ops import mix_torch
+        monkeypatch.setattr(mix_torch, "FEW_ROWS", 0)
+        return "torch"
+    return request.param
+
+
+def backend_fixture():
+    """The `backend` fixture of the mix tests (it replaces conftest's in a module that
+    binds it: `mix_backend = backend_fixture()`)."""
+    return pytest.fixture(name="backend", params=MIX_BACKENDS)(_choose_backend)

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mix_cases import DTYPES, NEG_INF, assert_close_grad, hard_pair, logits
+from mix_cases import DTYPES, NEG_INF, assert_close_grad, backend_fixture, hard_pair, logits
 
 from modkern import mix_logits, mix_logits_many
 from modkern.ops.mix_reference import mix_logits_many_reference, weight_grad_reference
 
 pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
               pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")]
+mix_backend = backend_fixture()
 
 
 def f64(*shape, seed=0, scale=2.0):

@@ -32,14 +32,17 @@ def test_forward_layouts_and_split_backward(device, splits):
     ls = [l1.to(device), l2.to(device), l3.to(device)]
     w = torch.softmax(logits((6, 3), seed=1), -1)
     w[0] = torch.tensor([0.0, 1.0, 0.0])
-    out, lse = km.forward(ls, w.to(device), n_valid=None, splits=splits)
+    out, stats = km.forward(ls, w.to(device), n_valid=None, splits=splits)
     ref_in = [t.double() for t in (l1, l2, l3)]
     want = mix_logits_many_reference(ref_in, list(w.double().unbind(-1)))
     assert_close_out(out.cpu(), want)
-    assert_close_out(lse.cpu(), torch.stack([torch.logsumexp(t, -1) for t in ref_in], -1))
+    # the row statistics: each row's max exactly, and log sum exp(x - max)
+    assert torch.equal(stats[..., 0].cpu(), torch.stack([t.float().amax(-1) for t in ls], -1))
+    log_sums = [torch.log(torch.exp(t - t.amax(-1, keepdim=True)).sum(-1)) for t in ref_in]
+    assert_close_out(stats[..., 1].cpu(), torch.stack(log_sums, -1))
 
     g = logits((6, l1.shape[1]), seed=2).where(torch.isfinite(want), 0.0)
-    grads, gw = km.backward(ls, w.to(device), lse, g.float().to(device), None, need_w=True,
+    grads, gw = km.backward(ls, w.to(device), stats, g.float().to(device), None, need_w=True,
                             splits=splits)
     rin = [t.detach().requires_grad_() for t in ref_in]
     mix_logits_many_reference(rin, list(w.double().unbind(-1))).mul(g).nan_to_num(
@@ -85,29 +88,40 @@ def test_qwen_vocabulary(device, backend, monkeypatch):
 
 def test_kernels_compile_for_a_gpu():
     """CI has no GPU: compile every kernel to PTX for sm_90 (with the GPU's code generator,
-    not the interpreter) to catch what the interpreter accepts but the compiler does not."""
+    not the interpreter) to catch what the interpreter accepts but the compiler does not.
+    Each kernel for K = 2 (the common case, a kernel of its own) and another K, with the
+    logits (and gradients) in mixed dtypes."""
     code = textwrap.dedent("""
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
         import modkern.kernels.mix_logits as km
-        types = {n: "*bf16" for n in ("p0", "p1", "p2", "p3", "q0", "q1", "q2", "q3")}
-        types.update({n: "i32" for n in ("nv", "V", "span")})
-        kernels = [(km._fwd_row_kernel, {"K": 2}), (km._fwd_stats_kernel, {"K": 3}),
-                   (km._fwd_out_kernel, {"K": 4, "SPLITS": 64}),
-                   (km._fwd_given_lse_kernel, {"K": 3}),
-                   (km._bwd_sums_kernel, {"K": 2}), (km._bwd_grad_kernel, {"K": 3})]
+
+        DTYPES = ("*bf16", "*fp16", "*fp32", "*bf16")
+
+        def signature(fn, K):
+            types = {"xs": DTYPES[:K], "grads": DTYPES[:K], "x_row_strides": ("i64",) * K}
+            types.update({n: "i32" for n in ("n_valid", "V", "span")})
+            return {n: types.get(n, "*fp32" if n.endswith("_ptr") else
+                                 "constexpr" if n.isupper() else "i64")
+                    for n in fn.arg_names}
+
+        kernels = [(km.mix_forward_row_kernel, {}), (km.mix_partial_stats_kernel, {}),
+                   (km.mix_forward_span_kernel, {"SPLITS": 64}),
+                   (km.mix_forward_given_stats_kernel, {}),
+                   (km.mix_backward_sums_kernel, {}), (km.mix_backward_grads_kernel, {})]
+        n = 0
         for fn, const in kernels:
-            const = {**const, "BLOCK": 4096}
-            sig = {n: ("constexpr" if n in const else
-                       types.get(n, "*fp32" if n.endswith("_ptr") else "i64"))
-                   for n in fn.arg_names}
-            ASTSource(fn, sig, constexprs=const)
-            triton.compile(ASTSource(fn, sig, constexprs=const),
-                           target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
-        print("compiled", len(kernels))
+            for K in (2, 3, 4):
+                const = {**const, "K": K, "BLOCK": 4096}
+                src = ASTSource(fn, signature(fn, K), constexprs=const)
+                ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                     options={"num_warps": 8}).asm["ptx"]
+                assert ".target sm_90" in ptx
+                n += 1
+        print("compiled", n)
     """)
-    assert "compiled 6" in compile_in_subprocess(code)
+    assert "compiled 18" in compile_in_subprocess(code)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -123,3 +137,21 @@ def test_decoding_step_captures_in_a_cuda_graph():
     torch.cuda.synchronize()
     assert torch.allclose(captured, mix_logits(l1, l2, 0.5), atol=1e-5)
     assert not torch.equal(captured, out)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_decoding_step_with_tensor_alpha_captures_with_check_false():
+    """A tensor alpha (one weight per row) read by the kernels on the device: with
+    check=False nothing is read on the host, so the step captures, and a replay uses the
+    alpha of the moment. (check=True refusing a capture: test_mix_logits_checks.py.)"""
+    l1 = torch.randn(8, 151_936, device="cuda", dtype=torch.bfloat16)
+    l2 = torch.randn(8, 151_936, device="cuda", dtype=torch.bfloat16)
+    alpha = torch.linspace(0.1, 0.9, 8, device="cuda")
+    mix_logits(l1, l2, alpha, check=False)  # warm-up: compiles the kernels
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = mix_logits(l1, l2, alpha, check=False)
+    alpha.copy_(torch.linspace(0.9, 0.1, 8, device="cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.allclose(captured, mix_logits(l1, l2, alpha), atol=1e-5)

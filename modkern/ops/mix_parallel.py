@@ -2,19 +2,20 @@
 group holds a slice of the vocabulary (tensor-parallel decoding, as a vocab-parallel LM
 head leaves its logits).
 
-Every output column needs only its own logits and one number per row and model, the
-row's logsumexp lse_k over the whole vocabulary; the rest of the mixture is elementwise
-(DESIGN.md 1.2, modkern/ops/mix_torch.py). So each rank:
+Every output column needs only its own logits and, per row and model, the row's
+statistics over the whole vocabulary: its max m_k and log s_k = log sum exp(x - m_k) (kept
+apart, never rounded into one logsumexp: see modkern/ops/mix_torch.py); the rest of the
+mixture is elementwise (DESIGN.md 1.2). So each rank:
 
 1. reduces its slice to a partial (max m, sum-exp s) per row and model (the engine's
    `local_stats`);
 2. exchanges them in ONE collective, an all_gather of the [R, K] (m, s) pairs, and
-   combines the P pairs locally: lse = M + log(sum_p s_p exp(m_p - M)), M = max_p m_p.
+   combines the P pairs locally: M = max_p m_p, log S = log(sum_p s_p exp(m_p - M)).
    (An all_reduce formulation needs two collectives, MAX of the maxima and then SUM of the
    rescaled sums, since the shift must be known before summing; the gathered pairs are
    P * R * K * 2 floats, a few KB when decoding, and every rank combines the same values in
-   the same order, so lse is bit-identical on all ranks.);
-3. writes its slice of the output from the global lse (`forward(..., lse=)`).
+   the same order, so the statistics are bit-identical on all ranks.);
+3. writes its slice of the output from the global statistics (`forward(..., stats=)`).
 
 Backward: grad l_k = g r_k - p_k c_k and grad w_k = d_k, where c_k = sum_j g_j r_kj and
 d_k = sum_j g_j p_kj / q_j run over the whole vocabulary: each rank computes its slice's
@@ -39,21 +40,22 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from . import mix_torch
-from ..errors import ShapeMismatchError
+from ..errors import OptionError, ShapeMismatchError
 
 NEG_INF = float("-inf")
 
 
 def check_group(group) -> None:
-    """`group` must be a torch.distributed process group this process belongs to."""
+    """`group` must be a torch.distributed process group this process belongs to
+    (OptionError otherwise)."""
     if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("mix_logits(group=...) needs torch.distributed initialised "
-                           "(torch.distributed.init_process_group) in every process")
+        raise OptionError("mix_logits(group=...) needs torch.distributed initialised "
+                          "(torch.distributed.init_process_group) in every process")
     if not isinstance(group, dist.ProcessGroup):
-        raise TypeError(f"group must be a torch.distributed ProcessGroup (e.g. "
-                        f"torch.distributed.group.WORLD), got {type(group).__name__}")
+        raise OptionError(f"group must be a torch.distributed ProcessGroup (e.g. "
+                          f"torch.distributed.group.WORLD), got {type(group).__name__}")
     if dist.get_rank(group) < 0:
-        raise ValueError("this process is not a member of the given group")
+        raise OptionError("group: this process is not a member of the given process group")
 
 
 def local_n_valid(n_valid: int | None, vocab_start: int | None, width: int) -> int | None:
@@ -92,9 +94,9 @@ def _all_gather(out: torch.Tensor, x: torch.Tensor, group) -> None:
     gather(out, x, group=group)
 
 
-def global_lse(m: torch.Tensor, s: torch.Tensor, group) -> torch.Tensor:
-    """The rows' logsumexps [R, K] over the whole vocabulary from this rank's partial
-    (m, s) [R, K]: one all_gather, then the same local combination on every rank.
+def global_stats(m: torch.Tensor, s: torch.Tensor, group) -> torch.Tensor:
+    """The rows' statistics (M, log S) [R, K, 2] over the whole vocabulary from this rank's
+    partial (m, s) [R, K]: one all_gather, then the same local combination on every rank.
     +inf logits make the row NaN, as log_softmax of the whole row would."""
     world = dist.get_world_size(group)
     mine = torch.stack([m, s]).contiguous()
@@ -102,8 +104,8 @@ def global_lse(m: torch.Tensor, s: torch.Tensor, group) -> torch.Tensor:
     _all_gather(everyone, mine.view(-1), group)
     everyone = everyone.view(world, *mine.shape)
     M, S = merge_stats(everyone[:, 0], everyone[:, 1], dim=0)
-    lse = M + torch.log(S)
-    return torch.where(lse == float("inf"), float("nan"), lse)
+    M = torch.where(M == float("inf"), float("nan"), M)
+    return torch.stack([M, torch.log(S)], -1)
 
 
 class ParallelMixFunction(torch.autograd.Function):
@@ -121,33 +123,33 @@ class ParallelMixFunction(torch.autograd.Function):
             s = torch.zeros_like(m)
         else:
             m, s = merge_stats(*engine.local_stats(ls, n_valid), dim=1)
-        lse = global_lse(m, s, group)
+        stats = global_stats(m, s, group)
         if empty:
-            out = torch.full((R, V), NEG_INF, dtype=lse.dtype, device=ls[0].device)
+            out = torch.full((R, V), NEG_INF, dtype=stats.dtype, device=ls[0].device)
         else:
-            out, _ = engine.forward(ls, W.detach(), n_valid, lse=lse)
+            out, _ = engine.forward(ls, W.detach(), n_valid, stats=stats)
         ctx.engine, ctx.n_valid, ctx.group, ctx.empty = engine, n_valid, group, empty
-        ctx.save_for_backward(W, lse, *ls)
+        ctx.save_for_backward(W, stats, *ls)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
-        W, lse, *ls = ctx.saved_tensors
+        W, stats, *ls = ctx.saved_tensors
         engine, n_valid = ctx.engine, ctx.n_valid
         need_w = ctx.needs_input_grad[3]
         if ctx.empty:
-            c = torch.zeros_like(lse)
-            d = torch.zeros_like(lse)
+            c = torch.zeros_like(stats[..., 0])
+            d = torch.zeros_like(c)
         else:
-            c, d = engine.backward_sums(ls, W, lse, g, n_valid)
+            c, d = engine.backward_sums(ls, W, stats, g, n_valid)
         K = len(ls)
         sums = torch.cat([c, d], 1) if need_w else c.contiguous()
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=ctx.group)
         if ctx.empty:
             grads = [torch.zeros_like(l) for l in ls]
         else:
-            grads = engine.backward_grads(ls, W, lse, g, sums[:, :K], n_valid)
+            grads = engine.backward_grads(ls, W, stats, g, sums[:, :K], n_valid)
         gW = None
         if need_w:
             gW = sums[:, K:].to(W.dtype)

@@ -22,15 +22,18 @@ again with a log-domain fix-up where q < TINY. A model whose weight is 0 is drop
 rows entirely (its logits may even be NaN there), so alpha = 0 or 1 never makes a NaN.
 
 Engine interface (shared with modkern.kernels.mix_logits):
-    forward(ls, W, n_valid, lse=None) -> (out, saved)
+    forward(ls, W, n_valid, stats=None) -> (out, saved)
     backward(ls, W, saved, g, n_valid, need_w) -> (grads, grad_W or None)
 ls: K tensors [R, V]; W: weights [R or 1, K]; columns >= n_valid count as -inf.
 For a vocabulary split across processes (modkern/ops/mix_parallel.py), the same work in pieces
-that meet at the two row-wise reductions, each row's logsumexp per model and the sums c_k, d_k:
+that meet at the two row-wise reductions, each row's statistics per model and the sums c_k, d_k:
     local_stats(ls, n_valid) -> (m, s)       partial (max, sum exp(x - max)), [R, S, K]
-    forward(..., lse=global lse [R, K])       the softmaxes taken as exp(l_k - lse_k)
-    backward_sums(ls, W, lse, g, n_valid) -> (c, d)        this slice's share, [R, K]
-    backward_grads(ls, W, lse, g, c, n_valid) -> grads     with the global c
+    forward(..., stats=[R, K, 2])            the softmaxes as exp((l_k - m_k) - log s_k)
+    backward_sums(ls, W, stats, g, n_valid) -> (c, d)        this slice's share, [R, K]
+    backward_grads(ls, W, stats, g, c, n_valid) -> grads     with the global c
+A row's statistics are (m_k, log s_k), its max and log sum exp(x - max), kept apart rather
+than added into one logsumexp: rounding lse_k = m_k + log s_k to the float would shift every
+log-probability of a row with logits near 1e4 by up to 5e-4 (an ulp of 1e4 is 1e-3).
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ import torch
 
 # Elements per chunk temporary: 4 of them (float32) should sit in a core's L2 (4 MiB here).
 CHUNK = 1 << 17
+# Up to this many rows the forward mixes all rows at once, not in row chunks (_few_rows).
+FEW_ROWS = 8
 
 
 def compute_dtype(ls) -> torch.dtype:
@@ -92,17 +97,17 @@ class _Scratch:
 
 
 def _softmax_into(dst: torch.Tensor, l: torch.Tensor, conv: torch.Tensor, wk: torch.Tensor,
-                  drop: bool, lse: torch.Tensor | None = None) -> torch.Tensor:
+                  drop: bool, stats: torch.Tensor | None = None) -> torch.Tensor:
     """dst = softmax(l) over the last dim in dst's dtype (bf16/fp16 converted exactly via
-    `conv` first), or exp(l - lse) with a given row logsumexp [rows, 1] (l is then a slice
-    of the row). A row of weight 0 is dropped from the mixture, so a NaN row there (all
-    -inf, NaN or +inf inside: softmax makes the whole row NaN) is set to 0."""
+    `conv` first), or exp((l - m) - log s) with given row stats [rows, 2] (l is then a
+    slice of the row). A row of weight 0 is dropped from the mixture, so a NaN row there
+    (all -inf, NaN or +inf inside: softmax makes the whole row NaN) is set to 0."""
     if l.dtype != dst.dtype:
         l = conv.copy_(l)
-    if lse is None:
+    if stats is None:
         _softmax_out(l, -1, False, out=dst)
     else:
-        torch.sub(l, lse, out=dst).exp_()
+        torch.sub(l, stats[:, 0:1], out=dst).sub_(stats[:, 1:2]).exp_()
     if drop:
         dst.masked_fill_((wk == 0) & torch.isnan(dst[:, :1]), 0.0)
     return dst
@@ -114,19 +119,29 @@ def _needs_fix(x: torch.Tensor, floor: float) -> bool:
     return not lo >= floor
 
 
-def _log_terms(ls, W, rows, cols, r0, nv, cd, lse=None):
+def row_stats(x: torch.Tensor, cd: torch.dtype) -> torch.Tensor:
+    """Each row's (max m, log sum exp(x - m)) over the last dim, [rows, 2] in cd. NaN in,
+    NaN out; an all -inf row gives (-inf, -inf), so its log-probabilities are NaN, as
+    log_softmax's."""
+    m = x.amax(-1, keepdim=True).to(cd)
+    shift = torch.where(m == float("-inf"), 0.0, m)  # -inf - -inf would be NaN
+    ls = torch.log(torch.exp(x.to(cd) - shift).sum(-1, keepdim=True))
+    return torch.cat([m, ls], -1)
+
+
+def _log_terms(ls, W, rows, cols, r0, nv, cd, stats=None):
     """Log-domain pieces at the given elements (chunk-relative rows): per model the
     log-softmax lp_k and the weighted term t_k = log w_k + lp_k (-inf where w_k = 0),
     and out = logsumexp_k t_k. Used only for the few elements where q underflows.
-    lse: the rows' logsumexps [R, K] when given (else taken from the rows)."""
+    stats: the rows' statistics [R, K, 2] when given (else taken from the rows)."""
     urows, inv = torch.unique(rows, return_inverse=True)
     lps, ts = [], []
     for k, l in enumerate(ls):
-        if lse is None:
-            lse_k = torch.logsumexp(l[r0 + urows, :nv].to(cd), dim=-1)[inv]
+        if stats is None:
+            st = row_stats(l[r0 + urows, :nv], cd)[inv]
         else:
-            lse_k = lse[r0 + rows, k].to(cd)
-        lp = l[r0 + rows, cols].to(cd) - lse_k
+            st = stats[r0 + rows, k].to(cd)
+        lp = (l[r0 + rows, cols].to(cd) - st[:, 0]) - st[:, 1]
         w = W[(r0 + rows) if W.shape[0] > 1 else torch.zeros_like(rows), k]
         ts.append(torch.where(w > 0, torch.log(w) + lp, float("-inf")))
         lps.append(lp)
@@ -156,38 +171,87 @@ def local_stats(ls, n_valid: int | None):
     return m, s
 
 
-def forward(ls, W: torch.Tensor, n_valid: int | None, lse: torch.Tensor | None = None):
-    """out [R, V] and None (nothing saved). lse: each row's logsumexp per model [R, K],
-    when the row extends beyond these columns (a vocabulary slice); None: from the rows."""
+def _zero_weight_models(W: torch.Tensor) -> list[bool]:
+    """Per model, whether its weight is 0 in some row (those rows must drop it, NaN and
+    all). Off the CPU every model is treated so: asking would synchronise."""
+    if W.device.type != "cpu":
+        return [True] * W.shape[1]
+    lowest = W.tolist() if W.shape[0] <= FEW_ROWS else W.amin(0, keepdim=True).tolist()
+    return [any(row[k] == 0 for row in lowest) for k in range(W.shape[1])]
+
+
+def forward(ls, W: torch.Tensor, n_valid: int | None, stats: torch.Tensor | None = None):
+    """out [R, V] and None (nothing saved). stats: each row's statistics per model
+    [R, K, 2] (see `row_stats`), when the row extends beyond these columns (a vocabulary
+    slice); None: from the rows."""
     R, V = ls[0].shape
     nv = V if n_valid is None else n_valid
     cd = compute_dtype(ls)
     W = W.to(cd)
-    drop = (W == 0).any(0).tolist()  # models with a zero weight somewhere
-    tiny = _tiny(cd)
+    drop = _zero_weight_models(W)
     out = torch.empty(R, V, dtype=cd, device=ls[0].device)
     if nv < V:
         out[:, nv:] = float("-inf")
     if nv == 0:
+        return out, None
+    if stats is None and R <= FEW_ROWS and out.device.type == "cpu":
+        _few_rows(ls, W, drop, out[:, :nv])
+        _fix_underflow(out[:, :nv], ls, W, 0, nv, None)
         return out, None
     scratch = _Scratch(R, nv, cd, ls[0].device, 3)
     for r0, r1, (q, p, conv) in scratch.chunks():
         w = W[r0:r1] if W.shape[0] > 1 else W
         for k, l in enumerate(ls):
             wk = w[:, k:k + 1]
-            lk = None if lse is None else lse[r0:r1, k:k + 1]
+            lk = None if stats is None else stats[r0:r1, k]
             if k == 0:
                 _softmax_into(q, l[r0:r1, :nv], conv, wk, drop[k], lk).mul_(wk)
             else:
                 q.addcmul_(_softmax_into(p, l[r0:r1, :nv], conv, wk, drop[k], lk), wk)
-        o = out[r0:r1, :nv]
-        torch.log(q, out=o)
-        if _needs_fix(o, math.log(tiny)):
-            small = q < tiny  # NaN compares False: NaN rows stay NaN
-            if bool(small.any()):
-                rows, cols = small.nonzero(as_tuple=True)
-                o[rows, cols] = _log_terms(ls, W, rows, cols, r0, nv, cd, lse)[2]
+        torch.log(q, out=out[r0:r1, :nv])
+        _fix_underflow(out[r0:r1, :nv], ls, W, r0, nv, stats)
     return out, None
+
+
+def _few_rows(ls, W: torch.Tensor, drop: list[bool], out: torch.Tensor) -> None:
+    """out = log(sum_k w_k softmax(l_k)) for a few rows (decoding on the CPU), all rows at
+    once. ATen's softmax gives each thread whole rows, so fewer rows than threads would
+    leave cores idle: then (and for bf16/fp16, which must be widened anyway) the K models'
+    rows are stacked and go through ONE softmax; the rest is elementwise."""
+    R, nv = out.shape
+    p = _workspace(len(ls) * R * nv, out.dtype, out.device).view(len(ls), R, nv)
+    xs = [l if l.shape[1] == nv else l[:, :nv] for l in ls]
+    if R >= torch.get_num_threads() and all(x.dtype == out.dtype for x in xs):
+        for k, x in enumerate(xs):
+            _softmax_out(x, -1, False, out=p[k])
+    else:
+        for k, x in enumerate(xs):
+            p[k].copy_(x)
+        flat = p.view(-1, nv)
+        _softmax_out(flat, -1, False, out=flat)  # in place: each pass reads before it writes
+    for k in range(len(ls)):
+        if drop[k]:  # a row of weight 0 leaves the model out (a NaN row too)
+            p[k].masked_fill_((W[:, k:k + 1] == 0) & torch.isnan(p[k, :, :1]), 0.0)
+    if len(ls) == 2 and all(w1 == 1 - w0 for w0, w1 in W.tolist()):  # exactly (floats)
+        torch.lerp(p[1], p[0], W[:, :1], out=out)  # w0 p0 + (1 - w0) p1 in one pass
+    else:
+        torch.mul(p[0], W[:, :1], out=out)
+        for k in range(1, len(ls)):
+            out.addcmul_(p[k], W[:, k:k + 1])
+    torch.log(out, out=out)
+
+
+def _fix_underflow(o: torch.Tensor, ls, W: torch.Tensor, r0: int, nv: int,
+                   stats: torch.Tensor | None) -> None:
+    """Where the mixture q underflowed (o = log q below log TINY: a -inf column included),
+    recompute o in the log domain. NaN compares False: NaN rows stay NaN."""
+    floor = math.log(_tiny(o.dtype))
+    if not _needs_fix(o, floor):
+        return
+    small = o < floor
+    if bool(small.any()):
+        rows, cols = small.nonzero(as_tuple=True)
+        o[rows, cols] = _log_terms(ls, W, rows, cols, r0, nv, o.dtype, stats)[2]
 
 
 class _Backward:
@@ -197,9 +261,9 @@ class _Backward:
     underflows) for a given c: this chunk's own, or, for a vocabulary slice, the global
     one."""
 
-    def __init__(self, ls, W, g, n_valid, lse):
+    def __init__(self, ls, W, g, n_valid, stats):
         R, V = ls[0].shape
-        self.ls, self.g, self.lse = ls, g, lse
+        self.ls, self.g, self.stats = ls, g, stats
         self.nv = V if n_valid is None else n_valid
         self.cd = compute_dtype(ls)
         self.W = W.to(self.cd)
@@ -216,7 +280,7 @@ class _Backward:
         h, t, conv, *ps = bufs
         w = W[r0:r1] if W.shape[0] > 1 else W
         for k, l in enumerate(ls):
-            lk = None if self.lse is None else self.lse[r0:r1, k:k + 1]
+            lk = None if self.stats is None else self.stats[r0:r1, k]
             _softmax_into(ps[k], l[r0:r1, :nv], conv, w[:, k:k + 1], self.drop[k], lk)
         q = torch.mul(ps[0], w[:, 0:1], out=h)
         for k in range(1, K):
@@ -238,7 +302,7 @@ class _Backward:
         terms = None
         if fix:
             rows, cols = small.nonzero(as_tuple=True)
-            lps, ts, o = _log_terms(ls, W, rows, cols, r0, nv, cd, self.lse)
+            lps, ts, o = _log_terms(ls, W, rows, cols, r0, nv, cd, self.stats)
             gs = gc[rows, cols]
             rs = []
             for k in range(K):
@@ -287,12 +351,12 @@ def backward(ls, W: torch.Tensor, saved, g: torch.Tensor, n_valid: int | None,
     return grads, (gW if W.shape[0] > 1 else gW.sum(0, keepdim=True))
 
 
-def backward_sums(ls, W: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
+def backward_sums(ls, W: torch.Tensor, stats: torch.Tensor, g: torch.Tensor,
                   n_valid: int | None):
     """This vocabulary slice's share of c_k = sum_j g_j r_kj and of d_k = sum_j g_j p_kj
-    / q_j (= grad w_k), [R, K] each, for rows whose logsumexps are lse [R, K]."""
+    / q_j (= grad w_k), [R, K] each, for rows whose statistics are stats [R, K, 2]."""
     R, _ = ls[0].shape
-    bw = _Backward(ls, W, g, n_valid, lse)
+    bw = _Backward(ls, W, g, n_valid, stats)
     c = torch.zeros(R, len(ls), dtype=bw.cd, device=ls[0].device)
     d = torch.zeros_like(c)
     if bw.nv == 0:
@@ -302,10 +366,10 @@ def backward_sums(ls, W: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
     return c, d
 
 
-def backward_grads(ls, W: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, c: torch.Tensor,
+def backward_grads(ls, W: torch.Tensor, stats: torch.Tensor, g: torch.Tensor, c: torch.Tensor,
                    n_valid: int | None):
     """Gradients to each logits slice (in its dtype), given the rows' global c [R, K]."""
-    bw = _Backward(ls, W, g, n_valid, lse)
+    bw = _Backward(ls, W, g, n_valid, stats)
     grads = _empty_grads(ls, bw.nv)
     if bw.nv == 0:
         return grads
