@@ -1,4 +1,4 @@
-"""MoD weight select in Triton: the two passes of the select pipeline (modkern/ops/
+"""MoD weight select in Triton: the passes of the select pipeline (modkern/ops/
 select_pipeline.py), one kernel each.
 
 1. `_minmax_kernel`: each program takes one block of t1, writes that block's min and max
@@ -9,17 +9,26 @@ select_pipeline.py), one kernel each.
    nothing at all. Otherwise it compares its block of t1 with v (no division: see
    modkern/ops/select_reference.py for why `t1 < v` is the exact formula), loads t2 only where
    selected, checks those values are finite and stores them.
+3. `_select_kernel` (for model 2 read from a file at the selected indices, not a tensor):
+   the selected elements' flat indices, compacted on the device in two launches: COUNT
+   writes each block's number of elements >= v (0 without reading a block whose max is
+   below v); an exclusive scan of the counts (torch.cumsum: one value per block) gives
+   each block its offset; EMIT then runs only the blocks that hold some, each writing its
+   indices, in order, at its offset. `selected` hands them out a bounded group of blocks
+   at a time.
 
-Both kernels also run SEGMENTED: many small tensors packed end to end in one buffer, a
+The first two also run SEGMENTED: many small tensors packed end to end in one buffer, a
 block table giving each program its block's start, end and tensor (segment), so a state
 dict's hundreds of norms and biases cost two launches, not two per tensor.
 
-Offsets are 64-bit: tensors may exceed 2**31 elements. `minmax` and `patch` are the
-launchers modkern.ops.select_engine.TritonEngine calls (the select pipeline's engine
+Offsets are 64-bit: tensors may exceed 2**31 elements. `minmax`, `patch` and `selected`
+are the launchers modkern.ops.select_engine.TritonEngine calls (the select pipeline's engine
 protocol); every launch names its arguments.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 import triton
@@ -99,6 +108,32 @@ def _patch_kernel(dst_ptr, t2_ptr, v_ptr, bmax_ptr, taken_ptr, bad_ptr, n,
         if WRITE:
             tl.store(dst_ptr + offs, y, mask=take & finite)
         tl.atomic_add(taken_ptr + seg, tl.sum(take.to(tl.int64), axis=0))
+
+
+# Moves, for N elements of b bytes: b read per block (its max); only in the blocks whose
+# max reaches v, BLOCK*b read; COUNT writes 8 bytes per such block, EMIT 8 bytes per
+# selected element. Arguments: flat (t1), v (threshold), bmax (block maxima), counts (one
+# per block, zeroed: COUNT), blocks/offsets (EMIT: program p runs block blocks[p] and writes
+# its indices from idx[offsets[p]]), idx (EMIT: the output), n (elements).
+@triton.jit
+def _select_kernel(flat_ptr, v_ptr, bmax_ptr, counts_ptr, blocks_ptr, offsets_ptr, idx_ptr,
+                   n, EMIT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    block = pid
+    if EMIT:
+        block = tl.load(blocks_ptr + pid)
+    v = widen(tl.load(v_ptr), ACC)
+    if widen(tl.load(bmax_ptr + block), ACC) >= v:  # a block below v is never read
+        offs = block * BLOCK + tl.arange(0, BLOCK)
+        inside = offs < n
+        x = tl.load(flat_ptr + offs, mask=inside, other=0.0)
+        take = inside & (widen(x, ACC) >= v)
+        if EMIT:
+            # the k-th selected element of the block goes to slot offsets[p] + k
+            slot = tl.load(offsets_ptr + pid) + tl.cumsum(take.to(tl.int64), axis=0) - 1
+            tl.store(idx_ptr + slot, offs, mask=take)
+        else:
+            tl.store(counts_ptr + pid, tl.sum(take.to(tl.int64), axis=0))
 
 
 def _acc(dtype: torch.dtype):
@@ -181,3 +216,34 @@ def _patch(dst, t2, v, block_max, write: bool, table: BlockTable | None):
         WRITE=write, SEGMENTED=table is not None, ACC=_acc(dst.dtype), BLOCK=BLOCK)
     *taken, bad_at = counts.tolist()  # one device sync
     return (taken if table is not None else taken[0]), (bad_at if bad_at < n else -1)
+
+
+def selected(flat: torch.Tensor, v: torch.Tensor, block_max: torch.Tensor, group: int
+             ) -> Iterator[torch.Tensor]:
+    """The sorted flat indices (int64, on flat's device) of the elements of the contiguous
+    1-D `flat` that are >= v, compacted on the device; one tensor per `group` consecutive
+    blocks that hold any (the blocks whose max reaches v; `block_max` from `minmax`)."""
+    n = flat.numel()
+    if n == 0:
+        return
+    blocks = triton.cdiv(n, BLOCK)
+    v = v.reshape(1).to(flat.dtype)
+    counts = torch.zeros(blocks, dtype=torch.int64, device=flat.device)
+    common = dict(flat_ptr=flat, v_ptr=v, bmax_ptr=block_max, n=n, ACC=_acc(flat.dtype),
+                  BLOCK=BLOCK)
+    _select_kernel[(blocks,)](counts_ptr=counts, blocks_ptr=counts, offsets_ptr=counts,
+                              idx_ptr=counts, EMIT=False, **common)
+    hot = torch.nonzero(counts).flatten()
+    hot_counts = counts[hot]
+    ends = torch.cumsum(hot_counts, 0)
+    starts = ends - hot_counts  # the exclusive scan: each hot block's first slot
+    # where each group's indices start, and the total: one copy to the host
+    marks = torch.cat([starts[::group], ends[-1:]]).tolist()
+    for k, first in enumerate(marks[:-1]):
+        group_blocks = hot[k * group:(k + 1) * group]
+        idx = torch.empty(marks[k + 1] - first, dtype=torch.int64, device=flat.device)
+        _select_kernel[(group_blocks.numel(),)](
+            counts_ptr=counts, blocks_ptr=group_blocks,
+            offsets_ptr=starts[k * group:(k + 1) * group] - first, idx_ptr=idx, EMIT=True,
+            **common)
+        yield idx

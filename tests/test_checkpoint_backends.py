@@ -49,7 +49,8 @@ def test_triton_route_is_bit_identical_to_torch(ckpts, tmp_path, case):
 
 
 def test_triton_route_runs_the_kernels(ckpts, tmp_path, monkeypatch):
-    calls = {"kernel minmax": 0, "kernel patch": 0, "torch minmax": 0, "torch hot blocks": 0}
+    calls = {"kernel minmax": 0, "kernel patch": 0, "kernel selected": 0, "torch minmax": 0,
+             "torch hot blocks": 0, "torch selected": 0}
 
     def spy(module, name, key):
         real = getattr(module, name)
@@ -61,12 +62,16 @@ def test_triton_route_runs_the_kernels(ckpts, tmp_path, monkeypatch):
 
     spy(kernels, "minmax", "kernel minmax")
     spy(kernels, "patch", "kernel patch")
+    spy(kernels, "selected", "kernel selected")
     spy(select_torch, "minmax", "torch minmax")
     spy(select_torch, "hot_blocks", "torch hot blocks")
+    spy(select_torch, "selected_chunks", "torch selected")
     report = merge_checkpoints(ckpts["llama_a"], ckpts["llama_b"], tmp_path / "out", 0.9,
                                backend="triton", progress=False)
+    # OTHER is read at the indices the compaction kernel emits: no torch op finds them
     assert calls == {"kernel minmax": report.tensors_merged, "kernel patch": 0,
-                     "torch minmax": 0, "torch hot blocks": 0}
+                     "kernel selected": report.tensors_merged, "torch minmax": 0,
+                     "torch hot blocks": 0, "torch selected": 0}
     merge_checkpoints(ckpts["llama_a"], ckpts["llama_b"], tmp_path / "cpu", 0.9,
                       progress=False)  # auto on the CPU: the torch engine
     assert calls["kernel minmax"] == report.tensors_merged and calls["torch minmax"] > 0

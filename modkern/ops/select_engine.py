@@ -94,8 +94,8 @@ class TritonEngine:
 
     def __init__(self):
         self.kernels = kernel_module("mod_select")
-        # `selected` finds the hot blocks from the kernel's block maxima, and the elements
-        # in them with select_torch: both must mean the same blocks.
+        # `selected` hands out the indices of HOT_GROUP hot blocks at a time, as the torch
+        # engine does: the same chunks, so a file is read the same way on both engines.
         assert self.kernels.BLOCK == select_torch.BLOCK
 
     def pack(self, sizes: list[int], device: torch.device):
@@ -109,11 +109,7 @@ class TritonEngine:
         return self.kernels.patch(dst, t2, v, block_max, atomic=atomic, table=table)
 
     def selected(self, flat, v, block_max):
-        # The hot blocks are the kernel's blocks whose maximum reaches v; their elements
-        # >= v are found on the device. (A compaction kernel mode can take this place.)
-        v = v.reshape(1).to(flat.dtype)
-        hot = torch.nonzero(block_max >= v).flatten()
-        return select_torch.selected_chunks(flat, v, hot)
+        return self.kernels.selected(flat, v, block_max, group=select_torch.HOT_GROUP)
 
 
 @cache

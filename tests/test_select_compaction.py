@@ -1,0 +1,90 @@
+"""The compaction on the device (kernels/mod_select.py `selected`): the sorted flat indices
+of the elements the select takes, as the checkpoint merge reads OTHER at them. Checked
+against the oracle's take mask (numpy, float64) and against the torch engine's
+`selected_chunks`, chunk for chunk, on every dtype and precision, sizes around the block
+size, empty and constant tensors, alpha 0 and 1, and groups that split the hot blocks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from modkern.ops import select_torch
+from modkern.ops.select_reference import select_threshold
+from oracle_select import FLOAT_DTYPES, take_mask
+
+pytest.importorskip("triton", reason="triton is not installed")
+from modkern.ops.select_engine import TritonEngine  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BLOCK = select_torch.BLOCK
+SIZES = [1, 17, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 17]
+
+
+def chunks_of_both(flat: torch.Tensor, alpha: float, precision: str = "exact"
+                   ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(the kernels' chunks, the torch engine's chunks) of the indices to take."""
+    engine = TritonEngine()
+    mins, block_max = engine.minmax(flat)
+    v = select_threshold(mins.min(), block_max.max(), alpha, precision)
+    kernel = [c.cpu() for c in engine.selected(flat, v, block_max)]
+    vt = v.reshape(1).to(flat.dtype)
+    torch_chunks = select_torch.selected_chunks(flat, vt, select_torch.hot_blocks(flat, vt))
+    return kernel, [c.cpu() for c in torch_chunks if c.numel()]
+
+
+def check(flat: torch.Tensor, alpha: float, precision: str = "exact") -> None:
+    kernel, torch_chunks = chunks_of_both(flat, alpha, precision)
+    assert len(kernel) == len(torch_chunks)
+    for got, want in zip(kernel, torch_chunks):
+        assert got.dtype == torch.int64 and torch.equal(got, want)
+    got = torch.cat(kernel).numpy() if kernel else np.zeros(0, np.int64)
+    np.testing.assert_array_equal(got, np.flatnonzero(take_mask(flat.cpu(), alpha, precision)))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.9, 1.0])
+def test_indices_equal_the_oracle_and_torch(dtype, n, alpha):
+    g = torch.Generator().manual_seed(n)
+    check(torch.randn(n, generator=g).to(dtype).to(DEVICE), alpha)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_constant_tensor(dtype):
+    """Normalized values are all 0: nothing is taken unless alpha is 0, then everything."""
+    flat = torch.full((BLOCK + 5,), 0.25, dtype=dtype, device=DEVICE)
+    for alpha, count in ((0.9, 0), (0.0, flat.numel())):
+        check(flat, alpha)
+        kernel, _ = chunks_of_both(flat, alpha)
+        assert sum(c.numel() for c in kernel) == count
+
+
+def test_empty_tensor_has_no_chunks():
+    flat = torch.empty(0, dtype=torch.bfloat16, device=DEVICE)
+    v = torch.tensor(0.0, dtype=torch.bfloat16)
+    assert list(TritonEngine().selected(flat, v, torch.empty(0, dtype=flat.dtype))) == []
+
+
+def test_groups_split_the_hot_blocks(monkeypatch):
+    """More hot blocks than a group: several chunks, each equal to torch's, and blocks
+    below the threshold in between skipped."""
+    monkeypatch.setattr(select_torch, "HOT_GROUP", 2)
+    flat = torch.zeros(9 * BLOCK + 3, dtype=torch.float32, device=DEVICE)
+    for b in (0, 1, 4, 5, 6, 9):  # hot blocks; the others hold only values below v
+        flat[b * BLOCK + torch.arange(0, min(BLOCK, flat.numel() - b * BLOCK), 7)] = 1.0
+    kernel, torch_chunks = chunks_of_both(flat, 0.5)
+    assert len(kernel) == 3
+    check(flat, 0.5)
+
+
+@given(xs=st.lists(st.floats(-4, 4, allow_nan=False, allow_subnormal=True), min_size=1,
+                   max_size=40),
+       repeat=st.integers(1, 300), dtype=st.sampled_from(FLOAT_DTYPES),
+       alpha=st.floats(0, 1), precision=st.sampled_from(["exact", "reference"]))
+def test_indices_property(xs, repeat, dtype, alpha, precision):
+    # a short pattern tiled over up to a few blocks: ties, -0.0 and subnormals across blocks
+    flat = torch.tensor(xs * repeat, dtype=torch.float64).to(dtype).to(DEVICE)
+    check(flat, alpha, precision)
