@@ -13,22 +13,19 @@ select_pipeline.py), one kernel each.
    the selected elements' flat indices, compacted on the device in two launches: COUNT
    writes each block's number of elements >= v (0 without reading a block whose max is
    below v); an exclusive scan of the counts (torch.cumsum: one value per block) gives
-   each block its offset; EMIT then runs only the blocks that hold some, each writing its
-   indices, in order, at its offset. `selected` hands them out a bounded group of blocks
-   at a time.
+   each block its offset; EMIT then runs only the blocks that hold some (a bounded group
+   of them per launch), each writing its indices, in order, at its offset.
 
 The first two also run SEGMENTED: many small tensors packed end to end in one buffer, a
 block table giving each program its block's start, end and tensor (segment), so a state
 dict's hundreds of norms and biases cost two launches, not two per tensor.
 
-Offsets are 64-bit: tensors may exceed 2**31 elements. `minmax`, `patch` and `selected`
-are the launchers modkern.ops.select_engine.TritonEngine calls (the select pipeline's engine
-protocol); every launch names its arguments.
+Offsets are 64-bit: tensors may exceed 2**31 elements. `minmax`, `patch`, `count_selected`
+and `emit_selected` are the launchers modkern.ops.select_engine.TritonEngine calls (the
+select pipeline's engine protocol); every launch names its arguments.
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterator
 
 import torch
 import triton
@@ -218,32 +215,29 @@ def _patch(dst, t2, v, block_max, write: bool, table: BlockTable | None):
     return (taken if table is not None else taken[0]), (bad_at if bad_at < n else -1)
 
 
-def selected(flat: torch.Tensor, v: torch.Tensor, block_max: torch.Tensor, group: int
-             ) -> Iterator[torch.Tensor]:
-    """The sorted flat indices (int64, on flat's device) of the elements of the contiguous
-    1-D `flat` that are >= v, compacted on the device; one tensor per `group` consecutive
-    blocks that hold any (the blocks whose max reaches v; `block_max` from `minmax`)."""
+def count_selected(flat: torch.Tensor, v: torch.Tensor, block_max: torch.Tensor
+                   ) -> torch.Tensor:
+    """Per block of the contiguous 1-D `flat`, the number of its elements >= v (int64, on
+    the device); blocks whose max (`block_max`, from `minmax`) is below v are not read."""
     n = flat.numel()
-    if n == 0:
-        return
-    blocks = triton.cdiv(n, BLOCK)
-    v = v.reshape(1).to(flat.dtype)
-    counts = torch.zeros(blocks, dtype=torch.int64, device=flat.device)
-    common = dict(flat_ptr=flat, v_ptr=v, bmax_ptr=block_max, n=n, ACC=_acc(flat.dtype),
-                  BLOCK=BLOCK)
-    _select_kernel[(blocks,)](counts_ptr=counts, blocks_ptr=counts, offsets_ptr=counts,
-                              idx_ptr=counts, EMIT=False, **common)
-    hot = torch.nonzero(counts).flatten()
-    hot_counts = counts[hot]
-    ends = torch.cumsum(hot_counts, 0)
-    starts = ends - hot_counts  # the exclusive scan: each hot block's first slot
-    # where each group's indices start, and the total: one copy to the host
-    marks = torch.cat([starts[::group], ends[-1:]]).tolist()
-    for k, first in enumerate(marks[:-1]):
-        group_blocks = hot[k * group:(k + 1) * group]
-        idx = torch.empty(marks[k + 1] - first, dtype=torch.int64, device=flat.device)
-        _select_kernel[(group_blocks.numel(),)](
-            counts_ptr=counts, blocks_ptr=group_blocks,
-            offsets_ptr=starts[k * group:(k + 1) * group] - first, idx_ptr=idx, EMIT=True,
-            **common)
-        yield idx
+    counts = torch.zeros(triton.cdiv(n, BLOCK), dtype=torch.int64, device=flat.device)
+    if n:
+        _select_kernel[(counts.numel(),)](
+            flat_ptr=flat, v_ptr=v.reshape(1).to(flat.dtype), bmax_ptr=block_max,
+            counts_ptr=counts, blocks_ptr=counts, offsets_ptr=counts, idx_ptr=counts, n=n,
+            EMIT=False, ACC=_acc(flat.dtype), BLOCK=BLOCK)
+    return counts
+
+
+def emit_selected(flat: torch.Tensor, v: torch.Tensor, block_max: torch.Tensor,
+                  blocks: torch.Tensor, offsets: torch.Tensor, total: int) -> torch.Tensor:
+    """The sorted flat indices of the elements >= v in the sorted `blocks` of `flat` (each
+    holding some), compacted: block blocks[k] writes its own at offsets[k] on (the
+    exclusive scan of their counts), `total` in all. int64, on flat's device."""
+    idx = torch.empty(total, dtype=torch.int64, device=flat.device)
+    if blocks.numel():
+        _select_kernel[(blocks.numel(),)](
+            flat_ptr=flat, v_ptr=v.reshape(1).to(flat.dtype), bmax_ptr=block_max,
+            counts_ptr=idx, blocks_ptr=blocks, offsets_ptr=offsets, idx_ptr=idx,
+            n=flat.numel(), EMIT=True, ACC=_acc(flat.dtype), BLOCK=BLOCK)
+    return idx

@@ -16,7 +16,7 @@ from modkern.ops.select_reference import select_threshold
 from oracle_select import FLOAT_DTYPES, take_mask
 
 pytest.importorskip("triton", reason="triton is not installed")
-from modkern.ops.select_engine import TritonEngine  # noqa: E402
+from modkern.ops.select_engine import TorchEngine, TritonEngine  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BLOCK = select_torch.BLOCK
@@ -68,15 +68,30 @@ def test_empty_tensor_has_no_chunks():
     assert list(TritonEngine().selected(flat, v, torch.empty(0, dtype=flat.dtype))) == []
 
 
-def test_groups_split_the_hot_blocks(monkeypatch):
-    """More hot blocks than a group: several chunks, each equal to torch's, and blocks
-    below the threshold in between skipped."""
-    monkeypatch.setattr(select_torch, "HOT_GROUP", 2)
+@pytest.mark.parametrize("hot_group, span_group, groups", [
+    (2, 1024, [(0, 2), (4, 6), (6, 10)]),  # at most 2 hot blocks a group
+    (2, 4, [(0, 2), (4, 6), (6, 7), (9, 10)]),  # and within windows of 4 blocks
+    (256, 1024, [(0, 10)])])
+def test_groups_split_the_hot_blocks(monkeypatch, hot_group, span_group, groups):
+    """Hot blocks 0, 1, 4, 5, 6, 9 (the others hold only values below v): the groups, their
+    counts and their indices, the same on both engines, cold blocks in between skipped."""
+    monkeypatch.setattr(select_torch, "HOT_GROUP", hot_group)
+    monkeypatch.setattr(select_torch, "SPAN_GROUP", span_group)
     flat = torch.zeros(9 * BLOCK + 3, dtype=torch.float32, device=DEVICE)
-    for b in (0, 1, 4, 5, 6, 9):  # hot blocks; the others hold only values below v
+    for b in (0, 1, 4, 5, 6, 9):
         flat[b * BLOCK + torch.arange(0, min(BLOCK, flat.numel() - b * BLOCK), 7)] = 1.0
-    kernel, torch_chunks = chunks_of_both(flat, 0.5)
-    assert len(kernel) == 3
+    engines = [TritonEngine(), TorchEngine()]
+    mins, block_max = engines[0].minmax(flat)
+    v = select_threshold(mins.min(), block_max.max(), 0.5, "exact")
+    for engine in engines:
+        found = list(engine.groups(flat, v, block_max))
+        assert [(g.first_block, g.end_block) for g in found] == groups
+        for g in found:
+            idx = g.indices().cpu()
+            want = torch.nonzero(flat[g.start:g.stop] >= 1.0).flatten().cpu() + g.start
+            assert g.count == idx.numel() and torch.equal(idx, want)
+            assert (g.start, g.stop) == (g.first_block * BLOCK,
+                                         min(g.end_block * BLOCK, flat.numel()))
     check(flat, 0.5)
 
 
