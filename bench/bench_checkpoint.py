@@ -193,8 +193,8 @@ def bench_dir():
 
 
 def bench_merge_checkpoints(benchmark, bench_dir):
-    result = run_once(benchmark, "checkpoint merge (end to end, cold page cache)", run_benchmark, bench_dir,
-                      format_table, impl="modkern merge")
+    result = run_once(benchmark, "checkpoint merge (end to end, cold page cache)",
+                      run_benchmark, bench_dir, format_table, impl="modkern merge")
     if not SMALL:  # the targets of issue 7
         assert result["bytes_read_other"] < 0.05 * result["bytes_other"]
         assert result["other_resident_bytes"] < 0.05 * result["bytes_other"]

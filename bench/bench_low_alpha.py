@@ -1,0 +1,244 @@
+"""Low alpha: `modkern merge` against MoD in mergekit on a SmolLM-135M-shaped pair, alpha
+0.9 down to 0.1, and the measurement behind the rule that decides how OTHER is read
+(modkern.ops.select_source.DENSE_FRACTION).
+
+1. crossover: one range of 256 blocks (1M bf16 elements) of OTHER merged by each route of
+   the checkpoint merge's select (select_pipeline.take_from_file): positioned reads of the
+   pages that hold the selected elements (their indices built first), or one read of the
+   whole range and a mask patch; at selected fractions from 1e-5 to 0.5, with the file
+   evicted from the page cache (cold) and resident (warm). Median of REPS runs.
+2. sweep: each merge a fresh process, as a user runs it: `modkern merge` and
+   `modkern-mergekit-yaml` (merge_method mod: the same MoD merge inside mergekit's loader
+   and writer), at each alpha, cold (both inputs evicted first) and warm (both read once
+   before); wall time, peak RSS, bytes read from disk, and modkern's own count of OTHER's
+   bytes (its recipe). At alpha 0.5 mergekit's output is compared with modkern's, tensor
+   by tensor.
+
+    python bench/bench_low_alpha.py                          # prints the tables
+    pytest bench/bench_low_alpha.py --benchmark-only -s
+
+The pair: transformers' LlamaConfig shaped like SmolLM-135M (hidden 576, 30 layers, MLP
+1536, 9 heads, 3 KV heads, vocab 49152, tied embeddings: 134.5M parameters, 269 MB bf16,
+one model.safetensors each). BASE: weights N(0, 0.02), norms 1 + N(0, 0.02); OTHER: BASE
+plus N(0, 0.01) noise. Needs `modkern[mergekit,bench]`. MODKERN_BENCH_SMALL=1: a tiny
+config; MODKERN_BENCH_DIR: where the pair is written.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from modkern.checkpoint import page_cache
+from modkern.checkpoint.safetensors_io import SafetensorsReader
+from modkern.ops import select_source
+from modkern.ops.select_engine import engine_for
+from modkern.ops.select_pipeline import take_from_file
+from modkern.ops.select_torch import BLOCK
+
+from _common import (SMALL, console_script, main, run_command, run_once,  # noqa: E402
+                     scratch_folder)
+from bench_checkpoint import import_rss_bytes  # noqa: E402
+from bench_mergekit import compare  # noqa: E402
+
+ALPHAS = (0.9, 0.1) if SMALL else (0.9, 0.7, 0.5, 0.3, 0.1)
+FRACTIONS = (1e-3, 0.5) if SMALL else (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1,
+                                       0.5)
+REPS = 1 if SMALL else 5
+COMPARED_AT = 0.1 if SMALL else 0.5
+HAVE_MERGEKIT = importlib.util.find_spec("mergekit") is not None
+EMBED = "model.embed_tokens.weight"
+
+
+def config():
+    """SmolLM-135M's shape (MODKERN_BENCH_SMALL: a tiny one), random weights."""
+    from transformers import LlamaConfig
+    dims = (dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=4096) if SMALL else
+            dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                 num_attention_heads=9, num_key_value_heads=3, vocab_size=49152))
+    return LlamaConfig(**dims, tie_word_embeddings=True, architectures=["LlamaForCausalLM"],
+                       torch_dtype="bfloat16")
+
+
+def generate_pair(root: Path) -> tuple[Path, Path]:
+    """BASE and OTHER folders (config.json + model.safetensors), shapes from transformers'
+    own Llama model built on the meta device (so no weights are initialized)."""
+    from safetensors.torch import save_file
+    from transformers import LlamaForCausalLM
+
+    cfg = config()
+    with torch.device("meta"):
+        shapes = {n: tuple(p.shape) for n, p in LlamaForCausalLM(cfg).named_parameters()}
+    g = torch.Generator().manual_seed(0)
+    sds: tuple[dict, dict] = ({}, {})
+    for name, shape in shapes.items():
+        w = torch.randn(shape, generator=g) * 0.02 + (1.0 if "norm" in name else 0.0)
+        sds[0][name] = w.to(torch.bfloat16)
+        sds[1][name] = (w + torch.randn(shape, generator=g) * 0.01).to(torch.bfloat16)
+    folders = (root / "base", root / "other")
+    for folder, sd in zip(folders, sds):
+        folder.mkdir(parents=True)
+        cfg.save_pretrained(folder)
+        save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folders
+
+
+def _route_ms(reader: SafetensorsReader, t1: torch.Tensor, v: torch.Tensor,
+              fraction: float, cold: bool) -> float:
+    """Median milliseconds of take_from_file on t1 with OTHER's embedding range, the route
+    forced by DENSE_FRACTION = `fraction`."""
+    engine, path, times = engine_for("torch"), reader.path, []
+    saved = select_source.DENSE_FRACTION
+    try:
+        select_source.DENSE_FRACTION = fraction
+        for _ in range(REPS):
+            if cold:
+                page_cache.evict(path)
+            else:
+                reader.read_range(EMBED, 0, t1.numel())
+            flat = t1.clone()
+            start = time.perf_counter()
+            take_from_file(flat, select_source.ReaderSource(reader, EMBED), engine, v,
+                           torch.empty(0))
+            times.append(time.perf_counter() - start)
+    finally:
+        select_source.DENSE_FRACTION = saved
+    return statistics.median(times) * 1e3
+
+
+def crossover(other: Path) -> list[dict]:
+    """Per selected fraction, each route's time on 256 blocks of OTHER, cold and warm."""
+    g = torch.Generator().manual_seed(2)
+    rows = []
+    with SafetensorsReader(other / "model.safetensors", "random") as reader:
+        span = min(256 * BLOCK, reader.tensors[EMBED].numel // BLOCK * BLOCK)
+        for fraction in FRACTIONS:
+            t1 = torch.randn(span, generator=g).to(torch.bfloat16)
+            k = max(1, round(fraction * span))  # v: the k-th largest value
+            v = torch.kthvalue(t1.float(), span - k + 1).values.to(torch.bfloat16)
+            row = {"fraction": int((t1 >= v).sum()) / span}
+            for cache in ("cold", "warm"):
+                row[f"pages_{cache}_ms"] = _route_ms(reader, t1, v, 2.0, cache == "cold")
+                row[f"range_{cache}_ms"] = _route_ms(reader, t1, v, 0.0, cache == "cold")
+            rows.append(row)
+    return rows
+
+
+def merge_run(tool: str, alpha: float, pair: tuple[Path, Path], out: Path,
+              cold: bool) -> dict:
+    """One merge by `tool` ("modkern" or "mergekit") in a fresh process."""
+    base, other = pair
+    inputs = [base / "model.safetensors", other / "model.safetensors"]
+    if tool == "modkern":
+        cmd = [sys.executable, "-m", "modkern", "merge", str(base), str(other), str(out),
+               "--alpha", str(alpha), "--quiet"]
+    else:
+        recipe = out.with_suffix(".yml")
+        recipe.write_text(f"merge_method: mod\nbase_model: {base}\nmodels:\n"
+                          f"  - model: {other}\nparameters:\n  alpha: {alpha}\n")
+        cmd = [console_script("modkern-mergekit-yaml"), str(recipe), str(out)]
+    if not cold:
+        for f in inputs:  # warm: both inputs in the page cache
+            f.read_bytes()
+    result = run_command(cmd, evict=inputs if cold else [])
+    if tool == "modkern":
+        counts = yaml.safe_load((out / "modkern_recipe.yaml").read_text())["result"]
+        result |= {k: counts[k] for k in ("bytes_read_other", "elements_taken",
+                                          "elements_merged")}
+    return result
+
+
+def sweep(root: Path, pair: tuple[Path, Path]) -> dict:
+    """Every alpha, both tools, cold and warm; outputs compared at COMPARED_AT."""
+    runs: dict = {}
+    tools = ("modkern", "mergekit") if HAVE_MERGEKIT else ("modkern",)
+    for alpha in ALPHAS:
+        for tool in tools:
+            for cache in ("cold", "warm"):
+                out = root / f"{tool}-{alpha}-{cache}"
+                runs[f"{tool} {alpha} {cache}"] = merge_run(tool, alpha, pair, out,
+                                                            cache == "cold")
+        if HAVE_MERGEKIT and alpha == COMPARED_AT:
+            runs["tensors_differing"] = compare(root / f"mergekit-{alpha}-cold",
+                                                root / f"modkern-{alpha}-cold")
+        for out in root.glob(f"*-{alpha}-*"):  # disk: one alpha's outputs at a time
+            if out.is_dir():
+                shutil.rmtree(out)
+            else:
+                out.unlink()
+    return runs
+
+
+def run_benchmark(root: Path) -> dict:
+    load_before = os.getloadavg()[0]
+    pair = generate_pair(root)
+    with SafetensorsReader(pair[0] / "model.safetensors") as reader:
+        largest = max(i.nbytes for i in reader.tensors.values())
+    result = {"load_before": load_before, "crossover": crossover(pair[1]),
+              "runs": sweep(root, pair), "load_after": os.getloadavg()[0],
+              "bytes_base": (pair[0] / "model.safetensors").stat().st_size,
+              "largest_tensor_bytes": largest, "import_rss_bytes": import_rss_bytes()}
+    return result
+
+
+def format_table(r: dict) -> str:
+    mb = 1e6
+    bound = 2 * r["largest_tensor_bytes"] + r["bytes_base"]
+    lines = [f"Load average {r['load_before']:.2f} before, {r['load_after']:.2f} after. "
+             f"Inputs 2 x {r['bytes_base'] / mb:.0f} MB bf16 (one file each); largest tensor "
+             f"{r['largest_tensor_bytes'] / mb:.1f} MB; bound on peak RSS above the "
+             f"{r['import_rss_bytes'] / mb:.0f} MB of importing torch and modkern: 2 x "
+             f"largest + one shard = {bound / mb:.0f} MB.", "",
+             "| alpha | taken from OTHER | modkern cold / warm | mergekit cold / warm | "
+             "modkern peak RSS | mergekit peak RSS | OTHER read by modkern |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    runs = r["runs"]
+    for alpha in ALPHAS:
+        m = [runs[f"modkern {alpha} {c}"] for c in ("cold", "warm")]
+        k = [runs.get(f"mergekit {alpha} {c}") for c in ("cold", "warm")]
+        kit = (f"{k[0]['wall_s']:.1f} / {k[1]['wall_s']:.1f} s" if k[0] else "-")
+        kit_rss = f"{max(x['peak_rss_bytes'] for x in k) / mb:.0f} MB" if k[0] else "-"
+        lines.append(
+            f"| {alpha} | {m[0]['elements_taken'] / m[0]['elements_merged']:.1%} | "
+            f"{m[0]['wall_s']:.1f} / {m[1]['wall_s']:.1f} s | {kit} | "
+            f"{max(x['peak_rss_bytes'] for x in m) / mb:.0f} MB | {kit_rss} | "
+            f"{m[0]['bytes_read_other'] / r['bytes_base']:.1%} |")
+    if "tensors_differing" in runs:
+        lines += ["", f"mergekit's MoD output against modkern's at alpha {COMPARED_AT}: "
+                  f"{runs['tensors_differing']} tensors differ."]
+    lines += ["", "Crossover, 1M bf16 elements of OTHER (median ms): positioned reads of the "
+              "selected elements' pages vs one read of the range + mask patch.", "",
+              "| fraction taken | pages, cold | range, cold | pages, warm | range, warm |",
+              "|---:|---:|---:|---:|---:|"]
+    for row in r["crossover"]:
+        lines.append(f"| {row['fraction']:.1e} | {row['pages_cold_ms']:.2f} | "
+                     f"{row['range_cold_ms']:.2f} | {row['pages_warm_ms']:.2f} | "
+                     f"{row['range_warm_ms']:.2f} |")
+    return "\n".join(lines)
+
+
+@pytest.fixture
+def bench_dir():
+    with scratch_folder("low-alpha") as root:
+        yield root
+
+
+def bench_low_alpha(benchmark, bench_dir):
+    result = run_once(benchmark, "low alpha: modkern merge vs mergekit (SmolLM-135M shape)",
+                      run_benchmark, bench_dir, format_table)
+    if HAVE_MERGEKIT and "tensors_differing" in result["runs"]:
+        assert result["runs"]["tensors_differing"] == 0
+
+
+if __name__ == "__main__":
+    main("low-alpha", run_benchmark, format_table)
