@@ -26,7 +26,7 @@ import torch
 from .select_context import SelectContext
 from .select_engine import PackedEngine, SelectEngine
 from .select_reference import alpha_tensor, normalized, select_threshold
-from .select_source import ReaderSource, TensorSource, ValueSource, take_at
+from .select_source import TensorSource, ValueSource, take_at
 
 
 @dataclass
@@ -89,7 +89,7 @@ class FlatSelect:
         return SelectResult(taken, flat.numel())
 
 
-def take_from_file(flat: torch.Tensor, source: ValueSource | ReaderSource, engine: SelectEngine,
+def take_from_file(flat: torch.Tensor, source: ValueSource, engine: SelectEngine,
                    v: torch.Tensor, block_max: torch.Tensor, atomic: bool = False
                    ) -> tuple[int, int]:
     """Steps 4-7 with model 2 in a file, one group of hot blocks at a time (bounded memory):
@@ -99,11 +99,11 @@ def take_from_file(flat: torch.Tensor, source: ValueSource | ReaderSource, engin
     groups = engine.groups(flat, v, block_max)
     if atomic:  # all values are checked before any is written: by their indices
         return take_at(flat, source, (g.indices() for g in groups), atomic=True)
-    reads_range = getattr(source, "reads_range", None)  # a source that reads ranges
+    reads_range = getattr(source, "reads_range", None)  # a ReaderSource reads ranges
     taken = 0
     for g in groups:
         if reads_range is not None and reads_range(g.count, g.stop - g.start):
-            values = source.read_range(g.start, g.stop).to(flat.device)
+            values = source.read_range(g.start, g.stop).to(flat.device)  # type: ignore
             n, bad = engine.patch_range(flat[g.start:g.stop], values, v,
                                         block_max[g.first_block:g.end_block])
             bad = bad + g.start if bad >= 0 else -1

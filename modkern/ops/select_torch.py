@@ -68,7 +68,7 @@ def hot_blocks(flat: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def selected_chunks(flat: torch.Tensor, v: torch.Tensor, hot: torch.Tensor
                     ) -> Iterator[torch.Tensor]:
     """Sorted flat indices of the elements of the contiguous 1-D `flat` that are >= v,
-    HOT_GROUP of the (sorted) BLOCK-sized blocks `hot` at a time."""
+    one chunk per group (hot_group_sizes) of the sorted BLOCK-sized blocks `hot`."""
     v = v.reshape(1).to(flat.dtype)
     for group in hot.split(hot_group_sizes(hot)):
         yield selected_in_blocks(flat, v, group)
