@@ -24,6 +24,7 @@ from modkern.ops.select_source import ReaderSource
 from oracle_select import FLOAT_DTYPES, assert_bits_equal, oracle_select, take_mask
 
 BLOCK = select_torch.BLOCK
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ENGINES = ["torch"] + (["triton"] if importlib.util.find_spec("triton") else [])
 ROUTES = {"rule": None, "ranges": 0.0, "indices": 2.0}  # DENSE_FRACTION for each
 
@@ -42,11 +43,12 @@ def pair_file(tmp_path):
 
 
 def merge_from_file(t1, path, alpha, backend, first=0):
-    flat = t1.clone()
+    """(the merged tensor on the CPU, elements taken, bytes of OTHER's data read)."""
+    flat = t1.clone().to(DEVICE)
     with SafetensorsReader(path, "random") as reader:
         result = select_flat(flat, ReaderSource(reader, "w", first), alpha, precision="exact",
                              engine=engine_for(backend), context=SelectContext("w"))
-        return flat, result.taken, reader.bytes_read - 8 - len(reader.header_bytes)
+        return flat.cpu(), result.taken, reader.bytes_read - 8 - len(reader.header_bytes)
 
 
 @pytest.mark.parametrize("backend", ENGINES)
