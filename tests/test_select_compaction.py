@@ -1,8 +1,9 @@
-"""The compaction on the device (kernels/mod_select.py `selected`): the sorted flat indices
-of the elements the select takes, as the checkpoint merge reads OTHER at them. Checked
-against the oracle's take mask (numpy, float64) and against the torch engine's
-`selected_chunks`, chunk for chunk, on every dtype and precision, sizes around the block
-size, empty and constant tensors, alpha 0 and 1, and groups that split the hot blocks."""
+"""The compaction on the device (kernels/mod_select.py count_selected, emit_selected, run
+by the Triton engine's `groups`): the sorted flat indices of the elements the select takes,
+as the checkpoint merge reads OTHER at them. Checked against the oracle's take mask
+(numpy, float64), the torch engine's `selected_chunks`, and its groups, group for group,
+on every dtype and precision, sizes around the block size, empty and constant tensors,
+alpha 0 and 1, and groups over several windows of blocks."""
 
 from __future__ import annotations
 
@@ -25,23 +26,26 @@ SIZES = [1, 17, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 17]
 
 def chunks_of_both(flat: torch.Tensor, alpha: float, precision: str = "exact"
                    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(the kernels' chunks, the torch engine's chunks) of the indices to take."""
+    """(the kernels' groups' indices, the torch engine's groups' indices)."""
     engine = TritonEngine()
     mins, block_max = engine.minmax(flat)
     v = select_threshold(mins.min(), block_max.max(), alpha, precision)
     kernel = [c.cpu() for c in engine.selected(flat, v, block_max)]
-    vt = v.reshape(1).to(flat.dtype)
-    torch_chunks = select_torch.selected_chunks(flat, vt, select_torch.hot_blocks(flat, vt))
-    return kernel, [c.cpu() for c in torch_chunks if c.numel()]
+    torch_groups = [g.indices().cpu() for g in TorchEngine().groups(flat, v, block_max)]
+    return kernel, torch_groups
 
 
 def check(flat: torch.Tensor, alpha: float, precision: str = "exact") -> None:
-    kernel, torch_chunks = chunks_of_both(flat, alpha, precision)
-    assert len(kernel) == len(torch_chunks)
-    for got, want in zip(kernel, torch_chunks):
+    kernel, torch_groups = chunks_of_both(flat, alpha, precision)
+    assert len(kernel) == len(torch_groups)
+    for got, want in zip(kernel, torch_groups):
         assert got.dtype == torch.int64 and torch.equal(got, want)
-    got = torch.cat(kernel).numpy() if kernel else np.zeros(0, np.int64)
-    np.testing.assert_array_equal(got, np.flatnonzero(take_mask(flat.cpu(), alpha, precision)))
+    got = torch.cat(kernel) if kernel else torch.zeros(0, dtype=torch.int64)
+    np.testing.assert_array_equal(got.numpy(),
+                                  np.flatnonzero(take_mask(flat.cpu(), alpha, precision)))
+    v = select_threshold(flat.min(), flat.max(), alpha, precision).reshape(1)
+    chunks = list(select_torch.selected_chunks(flat, v, select_torch.hot_blocks(flat, v)))
+    assert torch.equal(got, torch.cat(chunks).cpu() if chunks else got[:0])
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
@@ -68,14 +72,13 @@ def test_empty_tensor_has_no_chunks():
     assert list(TritonEngine().selected(flat, v, torch.empty(0, dtype=flat.dtype))) == []
 
 
-@pytest.mark.parametrize("hot_group, span_group, groups", [
-    (2, 1024, [(0, 2), (4, 6), (6, 10)]),  # at most 2 hot blocks a group
-    (2, 4, [(0, 2), (4, 6), (6, 7), (9, 10)]),  # and within windows of 4 blocks
-    (256, 1024, [(0, 10)])])
-def test_groups_split_the_hot_blocks(monkeypatch, hot_group, span_group, groups):
+@pytest.mark.parametrize("span_group, groups", [
+    (4, [(0, 2), (4, 7), (9, 10)]),  # the hot blocks of each window of 4 blocks
+    (3, [(0, 2), (4, 6), (6, 7), (9, 10)]),
+    (1024, [(0, 10)])])
+def test_groups_split_the_hot_blocks(monkeypatch, span_group, groups):
     """Hot blocks 0, 1, 4, 5, 6, 9 (the others hold only values below v): the groups, their
     counts and their indices, the same on both engines, cold blocks in between skipped."""
-    monkeypatch.setattr(select_torch, "HOT_GROUP", hot_group)
     monkeypatch.setattr(select_torch, "SPAN_GROUP", span_group)
     flat = torch.zeros(9 * BLOCK + 3, dtype=torch.float32, device=DEVICE)
     for b in (0, 1, 4, 5, 6, 9):

@@ -102,6 +102,23 @@ def test_nonfinite_other_found_at_the_same_index(pair_file, monkeypatch, backend
         merge_from_file(t1, path, 0.3, backend)
 
 
+@pytest.mark.parametrize("backend", ENGINES)
+def test_dense_and_sparse_groups_in_one_tensor(tmp_path, monkeypatch, backend):
+    """Windows of 2 blocks: the loud blocks' groups take many (read whole), the quiet
+    ones' few (read by pages); the result is the oracle's either way."""
+    monkeypatch.setattr(select_torch, "SPAN_GROUP", 2)
+    g = torch.Generator().manual_seed(5)
+    t1 = torch.randn(9 * BLOCK + 7, generator=g)
+    t1[2 * BLOCK:5 * BLOCK] *= 4  # windows 1 and 2 hold most of the top of the range
+    t1 = t1.to(torch.bfloat16)
+    t2 = torch.randn(t1.numel(), generator=g).to(torch.bfloat16)
+    path = tmp_path / "other.safetensors"
+    save_file({"w": t2}, str(path))
+    got, taken, asked = merge_from_file(t1, path, 0.6, backend)
+    assert_bits_equal(got, oracle_select(t1, t2, 0.6))
+    assert 4 * BLOCK * 2 <= asked < t1.numel() * 2  # the loud windows whole, not the rest
+
+
 def test_row_block_reads_its_own_rows(pair_file):
     """`first` shifts every read: a row block merged alone equals that part of the whole."""
     t1, t2, path = pair_file(torch.float32, n=6 * BLOCK)

@@ -32,7 +32,9 @@ from .select_reference import INT_OF_SIZE
 BLOCK = 4096
 
 HOT_GROUP = 256  # blocks whose selected elements are gathered per step (bounds memory)
-SPAN_GROUP = 1024  # a group of hot blocks lies within one window of this many blocks
+# Model 2 read from a file goes by groups: the hot blocks of one window of this many blocks
+# (4M elements; a group read whole is at most 8 MB of bf16).
+SPAN_GROUP = 1024
 # Up to this many elements, evaluating the formula itself costs less than the threshold
 # search (about 0.3 ms of small torch ops): norms and biases take that path.
 DIRECT_MAX = 1 << 14
@@ -68,9 +70,9 @@ def hot_blocks(flat: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def selected_chunks(flat: torch.Tensor, v: torch.Tensor, hot: torch.Tensor
                     ) -> Iterator[torch.Tensor]:
     """Sorted flat indices of the elements of the contiguous 1-D `flat` that are >= v,
-    one chunk per group (hot_group_sizes) of the sorted BLOCK-sized blocks `hot`."""
+    HOT_GROUP of the (sorted) BLOCK-sized blocks `hot` at a time."""
     v = v.reshape(1).to(flat.dtype)
-    for group in hot.split(hot_group_sizes(hot)):
+    for group in hot.split(HOT_GROUP):
         yield selected_in_blocks(flat, v, group)
 
 
@@ -89,17 +91,13 @@ def selected_in_blocks(flat: torch.Tensor, v: torch.Tensor,
 
 
 def hot_group_sizes(hot: torch.Tensor) -> list[int]:
-    """How the sorted hot block numbers `hot` split into groups, in order: at most
-    HOT_GROUP blocks each, all within one window of SPAN_GROUP blocks (so the range a group
-    spans, read whole when it takes many elements, stays bounded). Every engine groups
-    alike, so a file is read alike."""
+    """How the sorted hot block numbers `hot` split into groups, in order: those of each
+    window of SPAN_GROUP blocks, so that what a group holds (its range when read whole, its
+    indices otherwise) stays bounded. Every engine groups alike, so a file is read alike."""
     hot = hot.cpu()
     if hot.numel() == 0:
         return []
-    window = hot // SPAN_GROUP
-    rank = torch.arange(hot.numel()) - torch.searchsorted(hot, window * SPAN_GROUP)
-    key = window * (SPAN_GROUP // HOT_GROUP + 1) + rank // HOT_GROUP
-    return torch.unique_consecutive(key, return_counts=True)[1].tolist()
+    return torch.unique_consecutive(hot // SPAN_GROUP, return_counts=True)[1].tolist()
 
 
 @dataclass
