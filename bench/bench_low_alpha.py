@@ -2,17 +2,18 @@
 0.9 down to 0.1, and the measurement behind the rule that decides how OTHER is read
 (modkern.ops.select_source.DENSE_FRACTION).
 
-1. crossover: one range of 256 blocks (1M bf16 elements) of OTHER merged by each route of
-   the checkpoint merge's select (select_pipeline.take_from_file): positioned reads of the
-   pages that hold the selected elements (their indices built first), or one read of the
-   whole range and a mask patch; at selected fractions from 1e-5 to 0.5, with the file
-   evicted from the page cache (cold) and resident (warm). Median of REPS runs.
+1. crossover: one group's range (SPAN_GROUP blocks: 4M bf16 elements) of OTHER merged by
+   each route of the checkpoint merge's select (select_pipeline.take_from_file):
+   positioned reads of the pages that hold the selected elements (their indices built
+   first), or one read of the whole range and a mask patch; at selected fractions from
+   1e-5 to 0.5, with the file evicted from the page cache (cold) and resident (warm).
+   Median of REPS runs.
 2. sweep: each merge a fresh process, as a user runs it: `modkern merge` and
    `modkern-mergekit-yaml` (merge_method mod: the same MoD merge inside mergekit's loader
    and writer), at each alpha, cold (both inputs evicted first) and warm (both read once
-   before); wall time, peak RSS, bytes read from disk, and modkern's own count of OTHER's
-   bytes (its recipe). At alpha 0.5 mergekit's output is compared with modkern's, tensor
-   by tensor.
+   before): the best wall time of REPS runs, the highest peak RSS, and modkern's own
+   count of OTHER's bytes (its recipe). At alpha 0.5 mergekit's output is compared with
+   modkern's, tensor by tensor.
 
     python bench/bench_low_alpha.py                          # prints the tables
     pytest bench/bench_low_alpha.py --benchmark-only -s
@@ -43,17 +44,16 @@ from modkern.checkpoint.safetensors_io import SafetensorsReader
 from modkern.ops import select_source
 from modkern.ops.select_engine import engine_for
 from modkern.ops.select_pipeline import take_from_file
-from modkern.ops.select_torch import BLOCK
+from modkern.ops.select_torch import BLOCK, SPAN_GROUP
 
 from _common import (SMALL, console_script, main, run_command, run_once,  # noqa: E402
                      scratch_folder)
-from bench_checkpoint import import_rss_bytes  # noqa: E402
 from bench_mergekit import compare  # noqa: E402
 
 ALPHAS = (0.9, 0.1) if SMALL else (0.9, 0.7, 0.5, 0.3, 0.1)
 FRACTIONS = (1e-3, 0.5) if SMALL else (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1,
                                        0.5)
-REPS = 1 if SMALL else 5
+REPS = 1 if SMALL else 3
 COMPARED_AT = 0.1 if SMALL else 0.5
 HAVE_MERGEKIT = importlib.util.find_spec("mergekit") is not None
 EMBED = "model.embed_tokens.weight"
@@ -93,8 +93,8 @@ def generate_pair(root: Path) -> tuple[Path, Path]:
     return folders
 
 
-def _route_ms(reader: SafetensorsReader, t1: torch.Tensor, v: torch.Tensor,
-              fraction: float, cold: bool) -> float:
+def route_ms(reader: SafetensorsReader, t1: torch.Tensor, v: torch.Tensor,
+             fraction: float, cold: bool) -> float:
     """Median milliseconds of take_from_file on t1 with OTHER's embedding range, the route
     forced by DENSE_FRACTION = `fraction`."""
     engine, path, times = engine_for("torch"), reader.path, []
@@ -117,26 +117,27 @@ def _route_ms(reader: SafetensorsReader, t1: torch.Tensor, v: torch.Tensor,
 
 
 def crossover(other: Path) -> list[dict]:
-    """Per selected fraction, each route's time on 256 blocks of OTHER, cold and warm."""
+    """Per selected fraction, each route's time on one group's range, cold and warm."""
     g = torch.Generator().manual_seed(2)
     rows = []
     with SafetensorsReader(other / "model.safetensors", "random") as reader:
-        span = min(256 * BLOCK, reader.tensors[EMBED].numel // BLOCK * BLOCK)
+        span = min(SPAN_GROUP * BLOCK, reader.tensors[EMBED].numel // BLOCK * BLOCK)
         for fraction in FRACTIONS:
             t1 = torch.randn(span, generator=g).to(torch.bfloat16)
             k = max(1, round(fraction * span))  # v: the k-th largest value
             v = torch.kthvalue(t1.float(), span - k + 1).values.to(torch.bfloat16)
             row = {"fraction": int((t1 >= v).sum()) / span}
             for cache in ("cold", "warm"):
-                row[f"pages_{cache}_ms"] = _route_ms(reader, t1, v, 2.0, cache == "cold")
-                row[f"range_{cache}_ms"] = _route_ms(reader, t1, v, 0.0, cache == "cold")
+                row[f"pages_{cache}_ms"] = route_ms(reader, t1, v, 2.0, cache == "cold")
+                row[f"range_{cache}_ms"] = route_ms(reader, t1, v, 0.0, cache == "cold")
             rows.append(row)
     return rows
 
 
 def merge_run(tool: str, alpha: float, pair: tuple[Path, Path], out: Path,
               cold: bool) -> dict:
-    """One merge by `tool` ("modkern" or "mergekit") in a fresh process."""
+    """REPS merges by `tool` ("modkern" or "mergekit"), each in a fresh process: the best
+    wall time, the highest peak RSS and the most bytes read from disk."""
     base, other = pair
     inputs = [base / "model.safetensors", other / "model.safetensors"]
     if tool == "modkern":
@@ -147,10 +148,16 @@ def merge_run(tool: str, alpha: float, pair: tuple[Path, Path], out: Path,
         recipe.write_text(f"merge_method: mod\nbase_model: {base}\nmodels:\n"
                           f"  - model: {other}\nparameters:\n  alpha: {alpha}\n")
         cmd = [console_script("modkern-mergekit-yaml"), str(recipe), str(out)]
-    if not cold:
-        for f in inputs:  # warm: both inputs in the page cache
-            f.read_bytes()
-    result = run_command(cmd, evict=inputs if cold else [])
+    runs = []
+    for _ in range(REPS):
+        shutil.rmtree(out, ignore_errors=True)
+        if not cold:
+            for f in inputs:  # warm: both inputs in the page cache
+                f.read_bytes()
+        runs.append(run_command(cmd, evict=inputs if cold else []))
+    result = {"wall_s": min(r["wall_s"] for r in runs),
+              "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs),
+              "read_bytes": max(r["read_bytes"] for r in runs)}
     if tool == "modkern":
         counts = yaml.safe_load((out / "modkern_recipe.yaml").read_text())["result"]
         result |= {k: counts[k] for k in ("bytes_read_other", "elements_taken",
@@ -184,11 +191,31 @@ def run_benchmark(root: Path) -> dict:
     pair = generate_pair(root)
     with SafetensorsReader(pair[0] / "model.safetensors") as reader:
         largest = max(i.nbytes for i in reader.tensors.values())
-    result = {"load_before": load_before, "crossover": crossover(pair[1]),
-              "runs": sweep(root, pair), "load_after": os.getloadavg()[0],
-              "bytes_base": (pair[0] / "model.safetensors").stat().st_size,
-              "largest_tensor_bytes": largest, "import_rss_bytes": import_rss_bytes()}
-    return result
+    imports = [sys.executable, "-c", "import torch, modkern.checkpoint.merge"]
+    return {"load_before": load_before, "crossover": crossover(pair[1]),
+            "runs": sweep(root, pair), "load_after": os.getloadavg()[0],
+            "bytes_base": (pair[0] / "model.safetensors").stat().st_size,
+            "largest_tensor_bytes": largest,
+            "import_rss_bytes": run_command(imports)["peak_rss_bytes"]}
+
+
+def sweep_rows(r: dict) -> list[str]:
+    """One table row per alpha: times (best of REPS), peak RSS (modkern's also above the
+    import baseline), OTHER's bytes read by modkern."""
+    mb, runs, rows = 1e6, r["runs"], []
+    for alpha in ALPHAS:
+        m = [runs[f"modkern {alpha} {c}"] for c in ("cold", "warm")]
+        k = [runs.get(f"mergekit {alpha} {c}") for c in ("cold", "warm")]
+        m_rss = max(x["peak_rss_bytes"] for x in m)
+        kit = "- | -" if k[0] is None else (
+            f"{k[0]['wall_s']:.1f} / {k[1]['wall_s']:.1f} s | "
+            f"{k[0]['wall_s'] / m[0]['wall_s']:.1f}x / {k[1]['wall_s'] / m[1]['wall_s']:.1f}x")
+        kit_rss = "-" if k[0] is None else f"{max(x['peak_rss_bytes'] for x in k) / mb:.0f} MB"
+        rows.append(f"| {alpha} | {m[0]['elements_taken'] / m[0]['elements_merged']:.2g} | "
+                    f"{m[0]['wall_s']:.1f} / {m[1]['wall_s']:.1f} s | {kit} | "
+                    f"{m_rss / mb:.0f} MB (+{(m_rss - r['import_rss_bytes']) / mb:.0f}) | "
+                    f"{kit_rss} | {m[0]['bytes_read_other'] / r['bytes_base']:.1%} |")
+    return rows
 
 
 def format_table(r: dict) -> str:
@@ -196,29 +223,19 @@ def format_table(r: dict) -> str:
     bound = 2 * r["largest_tensor_bytes"] + r["bytes_base"]
     lines = [f"Load average {r['load_before']:.2f} before, {r['load_after']:.2f} after. "
              f"Inputs 2 x {r['bytes_base'] / mb:.0f} MB bf16 (one file each); largest tensor "
-             f"{r['largest_tensor_bytes'] / mb:.1f} MB; bound on peak RSS above the "
-             f"{r['import_rss_bytes'] / mb:.0f} MB of importing torch and modkern: 2 x "
-             f"largest + one shard = {bound / mb:.0f} MB.", "",
-             "| alpha | taken from OTHER | modkern cold / warm | mergekit cold / warm | "
-             "modkern peak RSS | mergekit peak RSS | OTHER read by modkern |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
-    runs = r["runs"]
-    for alpha in ALPHAS:
-        m = [runs[f"modkern {alpha} {c}"] for c in ("cold", "warm")]
-        k = [runs.get(f"mergekit {alpha} {c}") for c in ("cold", "warm")]
-        kit = (f"{k[0]['wall_s']:.1f} / {k[1]['wall_s']:.1f} s" if k[0] else "-")
-        kit_rss = f"{max(x['peak_rss_bytes'] for x in k) / mb:.0f} MB" if k[0] else "-"
-        lines.append(
-            f"| {alpha} | {m[0]['elements_taken'] / m[0]['elements_merged']:.1%} | "
-            f"{m[0]['wall_s']:.1f} / {m[1]['wall_s']:.1f} s | {kit} | "
-            f"{max(x['peak_rss_bytes'] for x in m) / mb:.0f} MB | {kit_rss} | "
-            f"{m[0]['bytes_read_other'] / r['bytes_base']:.1%} |")
-    if "tensors_differing" in runs:
+             f"{r['largest_tensor_bytes'] / mb:.1f} MB; importing torch and modkern "
+             f"{r['import_rss_bytes'] / mb:.0f} MB; the bound on modkern's peak RSS above "
+             f"that: 2 x largest + one shard = {bound / mb:.0f} MB. Times: best of {REPS}.",
+             "", "| alpha | taken from OTHER | modkern cold / warm | mergekit cold / warm | "
+             "modkern's speed-up | modkern peak RSS (above import) | mergekit peak RSS | "
+             "OTHER read by modkern |", "|---:|---:|---:|---:|---:|---:|---:|---:|",
+             *sweep_rows(r)]
+    if "tensors_differing" in r["runs"]:
         lines += ["", f"mergekit's MoD output against modkern's at alpha {COMPARED_AT}: "
-                  f"{runs['tensors_differing']} tensors differ."]
-    lines += ["", "Crossover, 1M bf16 elements of OTHER (median ms): positioned reads of the "
-              "selected elements' pages vs one read of the range + mask patch.", "",
-              "| fraction taken | pages, cold | range, cold | pages, warm | range, warm |",
+                  f"{r['runs']['tensors_differing']} tensors differ."]
+    lines += ["", "Crossover, one group of 4M bf16 elements of OTHER (median ms): positioned "
+              "reads of the selected elements' pages vs one read of the range + mask patch.",
+              "", "| fraction taken | pages, cold | range, cold | pages, warm | range, warm |",
               "|---:|---:|---:|---:|---:|"]
     for row in r["crossover"]:
         lines.append(f"| {row['fraction']:.1e} | {row['pages_cold_ms']:.2f} | "
