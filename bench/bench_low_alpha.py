@@ -11,9 +11,9 @@
 2. sweep: each merge a fresh process, as a user runs it: `modkern merge` and
    `modkern-mergekit-yaml` (merge_method mod: the same MoD merge inside mergekit's loader
    and writer), at each alpha, cold (both inputs evicted first) and warm (both read once
-   before): the best wall time of REPS runs, the highest peak RSS, and modkern's own
-   count of OTHER's bytes (its recipe). At alpha 0.5 mergekit's output is compared with
-   modkern's, tensor by tensor.
+   before), REPS rounds interleaved: the best wall time, the highest peak RSS, and
+   modkern's own count of OTHER's bytes (its recipe). At alpha 0.5 mergekit's output is
+   compared with modkern's, tensor by tensor.
 
     python bench/bench_low_alpha.py                          # prints the tables
     pytest bench/bench_low_alpha.py --benchmark-only -s
@@ -134,47 +134,50 @@ def crossover(other: Path) -> list[dict]:
     return rows
 
 
-def merge_run(tool: str, alpha: float, pair: tuple[Path, Path], out: Path,
-              cold: bool) -> dict:
-    """REPS merges by `tool` ("modkern" or "mergekit"), each in a fresh process: the best
-    wall time, the highest peak RSS and the most bytes read from disk."""
+def merge_command(tool: str, alpha: float, pair: tuple[Path, Path], out: Path) -> list[str]:
+    """The command line of a merge by `tool` ("modkern" or "mergekit") into `out`."""
     base, other = pair
-    inputs = [base / "model.safetensors", other / "model.safetensors"]
     if tool == "modkern":
-        cmd = [sys.executable, "-m", "modkern", "merge", str(base), str(other), str(out),
-               "--alpha", str(alpha), "--quiet"]
-    else:
-        recipe = out.with_suffix(".yml")
-        recipe.write_text(f"merge_method: mod\nbase_model: {base}\nmodels:\n"
-                          f"  - model: {other}\nparameters:\n  alpha: {alpha}\n")
-        cmd = [console_script("modkern-mergekit-yaml"), str(recipe), str(out)]
-    runs = []
-    for _ in range(REPS):
-        shutil.rmtree(out, ignore_errors=True)
-        if not cold:
-            for f in inputs:  # warm: both inputs in the page cache
-                f.read_bytes()
-        runs.append(run_command(cmd, evict=inputs if cold else []))
-    result = {"wall_s": min(r["wall_s"] for r in runs),
-              "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs),
-              "read_bytes": max(r["read_bytes"] for r in runs)}
-    if tool == "modkern":
-        counts = yaml.safe_load((out / "modkern_recipe.yaml").read_text())["result"]
-        result |= {k: counts[k] for k in ("bytes_read_other", "elements_taken",
-                                          "elements_merged")}
-    return result
+        return [sys.executable, "-m", "modkern", "merge", str(base), str(other), str(out),
+                "--alpha", str(alpha), "--quiet"]
+    recipe = out.with_suffix(".yml")
+    recipe.write_text(f"merge_method: mod\nbase_model: {base}\nmodels:\n"
+                      f"  - model: {other}\nparameters:\n  alpha: {alpha}\n")
+    return [console_script("modkern-mergekit-yaml"), str(recipe), str(out)]
+
+
+def merge_once(cmd: list[str], inputs: list[Path], out: Path, cold: bool) -> dict:
+    """One merge in a fresh process, its inputs evicted first (cold) or read once (warm)."""
+    shutil.rmtree(out, ignore_errors=True)
+    if not cold:
+        for f in inputs:
+            f.read_bytes()
+    return run_command(cmd, evict=inputs if cold else [])
 
 
 def sweep(root: Path, pair: tuple[Path, Path]) -> dict:
-    """Every alpha, both tools, cold and warm; outputs compared at COMPARED_AT."""
+    """Every alpha: REPS rounds of both tools, cold and warm, interleaved (so that a burst
+    of load elsewhere hits both alike): the best wall time, the highest peak RSS, modkern's
+    counts from its recipe; outputs compared at COMPARED_AT."""
     runs: dict = {}
     tools = ("modkern", "mergekit") if HAVE_MERGEKIT else ("modkern",)
+    inputs = [folder / "model.safetensors" for folder in pair]
     for alpha in ALPHAS:
-        for tool in tools:
-            for cache in ("cold", "warm"):
-                out = root / f"{tool}-{alpha}-{cache}"
-                runs[f"{tool} {alpha} {cache}"] = merge_run(tool, alpha, pair, out,
-                                                            cache == "cold")
+        times: dict = {}
+        for _ in range(REPS):
+            for tool in tools:
+                for cache in ("cold", "warm"):
+                    out = root / f"{tool}-{alpha}-{cache}"
+                    cmd = merge_command(tool, alpha, pair, out)
+                    times.setdefault(f"{tool} {alpha} {cache}", []).append(
+                        merge_once(cmd, inputs, out, cache == "cold"))
+        for key, done in times.items():
+            runs[key] = {"wall_s": min(r["wall_s"] for r in done),
+                         "peak_rss_bytes": max(r["peak_rss_bytes"] for r in done)}
+        counts = yaml.safe_load((root / f"modkern-{alpha}-cold" / "modkern_recipe.yaml"
+                                 ).read_text())["result"]
+        runs[f"modkern {alpha} cold"] |= {k: counts[k] for k in (
+            "bytes_read_other", "elements_taken", "elements_merged")}
         if HAVE_MERGEKIT and alpha == COMPARED_AT:
             runs["tensors_differing"] = compare(root / f"mergekit-{alpha}-cold",
                                                 root / f"modkern-{alpha}-cold")
