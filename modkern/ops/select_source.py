@@ -50,11 +50,12 @@ class TensorSource:
 
 # A group of hot blocks is read whole, in one positioned read of the range it spans, when
 # it takes at least this fraction of that range's elements; a sparser group is read at its
-# elements' pages only. Measured on this project's machine (bench/bench_low_alpha.py,
-# bench/results/cpu_low_alpha.md): per element taken, building its index and reading its
-# page costs as much as reading and comparing a few hundred elements of the range. At
-# alpha 0.9 on N(0, 0.02) weights about 2e-5 of the elements are taken: positioned reads,
-# a few % of OTHER's bytes.
+# elements' pages only. Measured (bench/bench_low_alpha.py, bench/results/cpu_low_alpha.md):
+# the range route costs about 5 ns per element of the range, the page route a few hundred
+# ns per element taken (its index, its page); they cross between 3e-3 and 3e-2, and from
+# 1e-3 on nearly every 4 KB page holds a taken bf16 element anyway, so both read the same
+# bytes. At alpha 0.9 on N(0, 0.02) weights about 1e-5 to 1e-4 of the elements are taken:
+# the page route, a few % of OTHER's bytes.
 DENSE_FRACTION = 1e-2
 
 
