@@ -138,7 +138,7 @@ def merge_in_child(base: Path, other: Path, out: Path) -> dict:
 
 def import_rss_bytes() -> int:
     """Peak RSS of a process that only imports modkern and torch (the fixed cost)."""
-    proc = subprocess.run([sys.executable, "-c", _HWM + "import modkern.checkpoint\n"
+    proc = subprocess.run([sys.executable, "-c", _HWM + "import torch, modkern.checkpoint.merge\n"
                            "print(hwm())"], stdout=subprocess.PIPE, text=True, check=True)
     return int(proc.stdout.split()[-1])
 
