@@ -42,6 +42,8 @@ def test_cpu_staging_copies_nothing():
     assert staging.to_host(flat, t1) is t1
     other = torch.arange(42.0)
     assert staging.to_host(other, t1) is t1 and torch.equal(t1.view(-1), other)
+    with staging.current_device():  # nothing to switch on the CPU
+        pass
 
 
 def test_prefetch_runs_then_on_the_reading_thread_and_reuses_its_ring(folders):
@@ -79,6 +81,9 @@ def test_base_tensors_stages_only_what_is_merged(folders):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_staging_round_trip(folders):
+    last = torch.cuda.device_count() - 1
+    with Staging(f"cuda:{last}").current_device():
+        assert torch.cuda.current_device() == last
     staging = Staging("cuda")
     assert staging.pinned
     host = torch.empty(1 << 20, dtype=torch.uint8, pin_memory=True).view(torch.bfloat16)

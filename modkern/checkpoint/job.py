@@ -171,10 +171,11 @@ def open_merge(base: str | os.PathLike, other: str | os.PathLike, out: str | os.
         needed = sum(s.nbytes + len(s.header()) for s in shards) + \
             sum((base_p / f).stat().st_size for f in copied) + (1 << 20)
         check_space(out_p, needed)
-        yield MergeJob(base=base_p, other=other_p, out=out_p, options=options, ck1=ck1,
-                       ck2=ck2, engine=engine_for(options.resolved_backend), plan=plan,
-                       planned=planned, shards=shards, copied=copied,
-                       staging=Staging(options.device))
+        staging = Staging(options.device)
+        with staging.current_device():
+            yield MergeJob(base=base_p, other=other_p, out=out_p, options=options, ck1=ck1,
+                           ck2=ck2, engine=engine_for(options.resolved_backend), plan=plan,
+                           planned=planned, shards=shards, copied=copied, staging=staging)
 
 
 def _plan(ck1: Checkpoint, ck2: Checkpoint, options: MergeOptions) -> dict[str, float]:

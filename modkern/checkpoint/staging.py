@@ -14,6 +14,7 @@ On the CPU the same calls copy nothing: a tensor is merged in the buffer it was 
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,11 @@ class Staging:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+
+    def current_device(self) -> AbstractContextManager:
+        """A context in which the merge's GPU is the current CUDA device (Triton launches
+        on the current device, whatever device its tensors are on); nothing on the CPU."""
+        return torch.cuda.device(self.device) if self.cuda else nullcontext()
 
     @property
     def pinned(self) -> bool:
