@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import torch
 
 from modkern.checkpoint import page_cache
@@ -81,6 +82,16 @@ def scratch_folder(name: str) -> Iterator[Path]:
         yield root
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def scratch_fixture(name: str):
+    """The pytest fixture `bench_dir` of an end-to-end suite: a fresh scratch folder
+    (scratch_folder(name)) for each benchmark, removed afterwards."""
+    @pytest.fixture
+    def bench_dir():
+        with scratch_folder(name) as root:
+            yield root
+    return bench_dir
 
 
 def run_once(benchmark, group: str, run: Callable[[Path], dict], root: Path,

@@ -27,12 +27,11 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 from modkern.checkpoint import page_cache
 
-from _common import SMALL, main, run_once, scratch_folder  # noqa: E402  (bench/ is on sys.path)
+from _common import SMALL, scratch_fixture, main, run_once  # noqa: E402  (bench/ on sys.path)
 
 ALPHA = 0.9
 HIDDEN, INTER, LAYERS, VOCAB = (64, 160, 2, 256) if SMALL else (2048, 5632, 20, 32000)
@@ -186,10 +185,7 @@ def format_table(r: dict) -> str:
                      [f"| {a} | {b} |" for a, b in rows])
 
 
-@pytest.fixture
-def bench_dir():
-    with scratch_folder("ckpt") as root:
-        yield root
+bench_dir = scratch_fixture("ckpt")
 
 
 def bench_merge_checkpoints(benchmark, bench_dir):

@@ -35,7 +35,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 
@@ -46,8 +45,8 @@ from modkern.ops.select_engine import engine_for
 from modkern.ops.select_pipeline import take_from_file
 from modkern.ops.select_torch import BLOCK, SPAN_GROUP
 
-from _common import (SMALL, console_script, main, run_command, run_once,  # noqa: E402
-                     scratch_folder)
+from _common import (SMALL, scratch_fixture, console_script, main,  # noqa: E402
+                     run_command, run_once)
 from bench_mergekit import compare  # noqa: E402
 
 ALPHAS = (0.9, 0.1) if SMALL else (0.9, 0.7, 0.5, 0.3, 0.1)
@@ -247,10 +246,7 @@ def format_table(r: dict) -> str:
     return "\n".join(lines)
 
 
-@pytest.fixture
-def bench_dir():
-    with scratch_folder("low-alpha") as root:
-        yield root
+bench_dir = scratch_fixture("low-alpha")
 
 
 def bench_low_alpha(benchmark, bench_dir):

@@ -38,8 +38,8 @@ import torch
 
 from modkern.checkpoint import page_cache
 
-from _common import (SMALL, console_script, main, run_command, run_once,  # noqa: E402
-                     scratch_folder)
+from _common import (SMALL, scratch_fixture, console_script, main,  # noqa: E402
+                     run_command, run_once)
 
 ALPHA = 0.9
 HIDDEN, INTER, LAYERS, VOCAB = (64, 160, 2, 256) if SMALL else (2048, 5632, 20, 32000)
@@ -205,10 +205,7 @@ def format_table(r: dict) -> str:
     return "\n".join(head + rows)
 
 
-@pytest.fixture
-def bench_dir():
-    with scratch_folder("mergekit") as root:
-        yield root
+bench_dir = scratch_fixture("mergekit")
 
 
 @pytest.mark.skipif(not HAVE_MERGEKIT, reason="mergekit is not installed "
