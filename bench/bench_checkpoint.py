@@ -27,12 +27,11 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 from modkern.checkpoint import page_cache
 
-from _common import SMALL, main, run_once, scratch_folder  # noqa: E402  (bench/ is on sys.path)
+from _common import SMALL, scratch_fixture, main, run_once  # noqa: E402  (bench/ on sys.path)
 
 ALPHA = 0.9
 HIDDEN, INTER, LAYERS, VOCAB = (64, 160, 2, 256) if SMALL else (2048, 5632, 20, 32000)
@@ -138,7 +137,7 @@ def merge_in_child(base: Path, other: Path, out: Path) -> dict:
 
 def import_rss_bytes() -> int:
     """Peak RSS of a process that only imports modkern and torch (the fixed cost)."""
-    proc = subprocess.run([sys.executable, "-c", _HWM + "import modkern.checkpoint\n"
+    proc = subprocess.run([sys.executable, "-c", _HWM + "import torch, modkern.checkpoint.merge\n"
                            "print(hwm())"], stdout=subprocess.PIPE, text=True, check=True)
     return int(proc.stdout.split()[-1])
 
@@ -186,15 +185,12 @@ def format_table(r: dict) -> str:
                      [f"| {a} | {b} |" for a, b in rows])
 
 
-@pytest.fixture
-def bench_dir():
-    with scratch_folder("ckpt") as root:
-        yield root
+bench_dir = scratch_fixture("ckpt")
 
 
 def bench_merge_checkpoints(benchmark, bench_dir):
-    result = run_once(benchmark, "checkpoint merge (end to end, cold page cache)", run_benchmark, bench_dir,
-                      format_table, impl="modkern merge")
+    result = run_once(benchmark, "checkpoint merge (end to end, cold page cache)",
+                      run_benchmark, bench_dir, format_table, impl="modkern merge")
     if not SMALL:  # the targets of issue 7
         assert result["bytes_read_other"] < 0.05 * result["bytes_other"]
         assert result["other_resident_bytes"] < 0.05 * result["bytes_other"]

@@ -24,14 +24,12 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_checkpoint import ALPHA, SMALL, generate, weight_files  # noqa: E402
 
 from modkern.checkpoint import page_cache  # noqa: E402
 
-from _common import main, run_once, scratch_folder  # noqa: E402
+from _common import scratch_fixture, main, run_once  # noqa: E402
 
 NPROC = [int(n) for n in os.environ.get("MODKERN_BENCH_NPROC", "1,2").split(",")]
 SPLIT_ABOVE = os.environ.get("MODKERN_BENCH_SPLIT_ABOVE", "1000" if SMALL else "50000000")
@@ -109,10 +107,7 @@ def format_table(r: dict) -> str:
     return "\n".join(lines)
 
 
-@pytest.fixture
-def bench_dir():
-    with scratch_folder("dist") as root:
-        yield root
+bench_dir = scratch_fixture("dist")
 
 
 def bench_distributed_merge(benchmark, bench_dir):

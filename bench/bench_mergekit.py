@@ -28,11 +28,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,7 +38,8 @@ import torch
 
 from modkern.checkpoint import page_cache
 
-from _common import SMALL, main, run_once, scratch_folder  # noqa: E402
+from _common import (SMALL, scratch_fixture, console_script, main,  # noqa: E402
+                     run_command, run_once)
 
 ALPHA = 0.9
 HIDDEN, INTER, LAYERS, VOCAB = (64, 160, 2, 256) if SMALL else (2048, 5632, 20, 32000)
@@ -111,30 +109,12 @@ def weight_files(folder: Path) -> list[Path]:
 
 def evict(files: list[Path]) -> None:
     """Drop the files' clean pages from the page cache, so the next read goes to disk."""
-    for f in files:
-        page_cache.evict(f)
+    page_cache.evict_files(files)
 
 
 def run_cold(cmd: list[str], inputs: list[Path]) -> dict:
     """Run `cmd` in a child with `inputs` evicted; its wall time, disk reads, peak RSS."""
-    evict(inputs)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: wait4 reaps the child
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-        proc.returncode = code = os.waitstatus_to_exitcode(status)
-        if code != 0:
-            log.seek(0)
-            raise RuntimeError(f"{' '.join(cmd)} failed ({code}):\n{log.read()[-3000:]}")
-    return {"wall_s": wall, "read_bytes": usage.ru_inblock * 512,
-            "peak_rss_bytes": usage.ru_maxrss * 1024}  # Linux: KiB
-
-
-def _script(name: str) -> str:
-    path = Path(sys.executable).with_name(name)
-    return str(path) if path.exists() else name
+    return run_command(cmd, evict=inputs)
 
 
 def _yaml(root: Path, name: str, text: str) -> Path:
@@ -185,8 +165,8 @@ def run_benchmark(root: Path) -> dict:
                    f"dtype: bfloat16\n")
     mod = _yaml(root, "mod", f"merge_method: mod\nbase_model: {base}\nmodels:\n"
                 f"  - model: {other}\nparameters:\n  alpha: {ALPHA}\n")
-    runs = {"mergekit linear": [_script("mergekit-yaml"), str(linear), str(root / "linear")],
-            "mergekit mod": [_script("modkern-mergekit-yaml"), str(mod), str(root / "mod")],
+    runs = {"mergekit linear": [console_script("mergekit-yaml"), str(linear), str(root / "linear")],
+            "mergekit mod": [console_script("modkern-mergekit-yaml"), str(mod), str(root / "mod")],
             "modkern merge": [sys.executable, "-m", "modkern", "merge", str(base), str(other),
                               str(root / "modkern"), "--alpha", str(ALPHA)]}
     for label, cmd in runs.items():
@@ -225,17 +205,14 @@ def format_table(r: dict) -> str:
     return "\n".join(head + rows)
 
 
-@pytest.fixture
-def bench_dir():
-    with scratch_folder("mergekit") as root:
-        yield root
+bench_dir = scratch_fixture("mergekit")
 
 
 @pytest.mark.skipif(not HAVE_MERGEKIT, reason="mergekit is not installed "
                     "(pip install \"modkern[mergekit]\")")
 def bench_mergekit_vs_modkern(benchmark, bench_dir):
-    result = run_once(benchmark, "mergekit vs modkern merge (end to end, cold page cache)", run_benchmark, bench_dir,
-                      format_table)
+    result = run_once(benchmark, "mergekit vs modkern merge (end to end, cold page cache)",
+                      run_benchmark, bench_dir, format_table)
     assert result["mod_tensors_differing"] == 0
 
 

@@ -1,4 +1,4 @@
-"""MoD weight select in Triton: the two passes of the select pipeline (modkern/ops/
+"""MoD weight select in Triton: the passes of the select pipeline (modkern/ops/
 select_pipeline.py), one kernel each.
 
 1. `_minmax_kernel`: each program takes one block of t1, writes that block's min and max
@@ -9,14 +9,20 @@ select_pipeline.py), one kernel each.
    nothing at all. Otherwise it compares its block of t1 with v (no division: see
    modkern/ops/select_reference.py for why `t1 < v` is the exact formula), loads t2 only where
    selected, checks those values are finite and stores them.
+3. `_select_kernel` (for model 2 read from a file at the selected indices, not a tensor):
+   the selected elements' flat indices, compacted on the device in two launches: COUNT
+   writes each block's number of elements >= v (0 without reading a block whose max is
+   below v); an exclusive scan of the counts (torch.cumsum: one value per block) gives
+   each block its offset; EMIT then runs only the blocks that hold some (a bounded group
+   of them per launch), each writing its indices, in order, at its offset.
 
-Both kernels also run SEGMENTED: many small tensors packed end to end in one buffer, a
+The first two also run SEGMENTED: many small tensors packed end to end in one buffer, a
 block table giving each program its block's start, end and tensor (segment), so a state
 dict's hundreds of norms and biases cost two launches, not two per tensor.
 
-Offsets are 64-bit: tensors may exceed 2**31 elements. `minmax` and `patch` are the
-launchers modkern.ops.select_engine.TritonEngine calls (the select pipeline's engine
-protocol); every launch names its arguments.
+Offsets are 64-bit: tensors may exceed 2**31 elements. `minmax`, `patch`, `count_selected`
+and `emit_selected` are the launchers modkern.ops.select_engine.TritonEngine calls (the
+select pipeline's engine protocol); every launch names its arguments.
 """
 
 from __future__ import annotations
@@ -101,6 +107,32 @@ def _patch_kernel(dst_ptr, t2_ptr, v_ptr, bmax_ptr, taken_ptr, bad_ptr, n,
         tl.atomic_add(taken_ptr + seg, tl.sum(take.to(tl.int64), axis=0))
 
 
+# Moves, for N elements of b bytes: b read per block (its max); only in the blocks whose
+# max reaches v, BLOCK*b read; COUNT writes 8 bytes per such block, EMIT 8 bytes per
+# selected element. Arguments: flat (t1), v (threshold), bmax (block maxima), counts (one
+# per block, zeroed: COUNT), blocks/offsets (EMIT: program p runs block blocks[p] and writes
+# its indices from idx[offsets[p]]), idx (EMIT: the output), n (elements).
+@triton.jit
+def _select_kernel(flat_ptr, v_ptr, bmax_ptr, counts_ptr, blocks_ptr, offsets_ptr, idx_ptr,
+                   n, EMIT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    block = pid
+    if EMIT:
+        block = tl.load(blocks_ptr + pid)
+    v = widen(tl.load(v_ptr), ACC)
+    if widen(tl.load(bmax_ptr + block), ACC) >= v:  # a block below v is never read
+        offs = block * BLOCK + tl.arange(0, BLOCK)
+        inside = offs < n
+        x = tl.load(flat_ptr + offs, mask=inside, other=0.0)
+        take = inside & (widen(x, ACC) >= v)
+        if EMIT:
+            # the k-th selected element of the block goes to slot offsets[p] + k
+            slot = tl.load(offsets_ptr + pid) + tl.cumsum(take.to(tl.int64), axis=0) - 1
+            tl.store(idx_ptr + slot, offs, mask=take)
+        else:
+            tl.store(counts_ptr + pid, tl.sum(take.to(tl.int64), axis=0))
+
+
 def _acc(dtype: torch.dtype):
     """Comparisons and reductions run in float32 (float64 for float64): exact for the
     values of every input dtype, since nothing is computed, only compared."""
@@ -181,3 +213,31 @@ def _patch(dst, t2, v, block_max, write: bool, table: BlockTable | None):
         WRITE=write, SEGMENTED=table is not None, ACC=_acc(dst.dtype), BLOCK=BLOCK)
     *taken, bad_at = counts.tolist()  # one device sync
     return (taken if table is not None else taken[0]), (bad_at if bad_at < n else -1)
+
+
+def count_selected(flat: torch.Tensor, v: torch.Tensor, block_max: torch.Tensor
+                   ) -> torch.Tensor:
+    """Per block of the contiguous 1-D `flat`, the number of its elements >= v (int64, on
+    the device); blocks whose max (`block_max`, from `minmax`) is below v are not read."""
+    n = flat.numel()
+    counts = torch.zeros(triton.cdiv(n, BLOCK), dtype=torch.int64, device=flat.device)
+    if n:
+        _select_kernel[(counts.numel(),)](
+            flat_ptr=flat, v_ptr=v.reshape(1).to(flat.dtype), bmax_ptr=block_max,
+            counts_ptr=counts, blocks_ptr=counts, offsets_ptr=counts, idx_ptr=counts, n=n,
+            EMIT=False, ACC=_acc(flat.dtype), BLOCK=BLOCK)
+    return counts
+
+
+def emit_selected(flat: torch.Tensor, v: torch.Tensor, block_max: torch.Tensor,
+                  blocks: torch.Tensor, offsets: torch.Tensor, total: int) -> torch.Tensor:
+    """The sorted flat indices of the elements >= v in the sorted `blocks` of `flat` (each
+    holding some), compacted: block blocks[k] writes its own at offsets[k] on (the
+    exclusive scan of their counts), `total` in all. int64, on flat's device."""
+    idx = torch.empty(total, dtype=torch.int64, device=flat.device)
+    if blocks.numel():
+        _select_kernel[(blocks.numel(),)](
+            flat_ptr=flat, v_ptr=v.reshape(1).to(flat.dtype), bmax_ptr=block_max,
+            counts_ptr=idx, blocks_ptr=blocks, offsets_ptr=offsets, idx_ptr=idx,
+            n=flat.numel(), EMIT=True, ACC=_acc(flat.dtype), BLOCK=BLOCK)
+    return idx

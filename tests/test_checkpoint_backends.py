@@ -49,7 +49,8 @@ def test_triton_route_is_bit_identical_to_torch(ckpts, tmp_path, case):
 
 
 def test_triton_route_runs_the_kernels(ckpts, tmp_path, monkeypatch):
-    calls = {"kernel minmax": 0, "kernel patch": 0, "torch minmax": 0, "torch hot blocks": 0}
+    calls = dict.fromkeys(["kernel minmax", "kernel patch", "kernel count", "kernel emit",
+                           "torch minmax", "torch hot blocks", "torch patch"], 0)
 
     def spy(module, name, key):
         real = getattr(module, name)
@@ -61,15 +62,29 @@ def test_triton_route_runs_the_kernels(ckpts, tmp_path, monkeypatch):
 
     spy(kernels, "minmax", "kernel minmax")
     spy(kernels, "patch", "kernel patch")
+    spy(kernels, "count_selected", "kernel count")
+    spy(kernels, "emit_selected", "kernel emit")
     spy(select_torch, "minmax", "torch minmax")
     spy(select_torch, "hot_blocks", "torch hot blocks")
+    spy(select_torch, "patch_where", "torch patch")
     report = merge_checkpoints(ckpts["llama_a"], ckpts["llama_b"], tmp_path / "out", 0.9,
                                backend="triton", progress=False)
-    assert calls == {"kernel minmax": report.tensors_merged, "kernel patch": 0,
-                     "torch minmax": 0, "torch hot blocks": 0}
-    merge_checkpoints(ckpts["llama_a"], ckpts["llama_b"], tmp_path / "cpu", 0.9,
+    # alpha 0.9: OTHER is read at the indices the compaction kernels emit; no torch op
+    merged = report.tensors_merged
+    assert calls["kernel emit"] > 0  # (constant norms take nothing: no group)
+    assert calls == {"kernel minmax": merged, "kernel patch": 0, "kernel count": merged,
+                     "kernel emit": calls["kernel emit"], "torch minmax": 0,
+                     "torch hot blocks": 0, "torch patch": 0}
+    # alpha 0.2: the groups take most of their elements, so OTHER's ranges are read whole
+    # and patched by the fused kernel, without indices
+    calls.update(dict.fromkeys(calls, 0))
+    merge_checkpoints(ckpts["llama_a"], ckpts["llama_b"], tmp_path / "low", 0.2,
+                      backend="triton", progress=False)
+    assert calls["kernel patch"] > 0 and calls["kernel emit"] == 0
+    assert calls["torch minmax"] == calls["torch patch"] == 0
+    merge_checkpoints(ckpts["llama_a"], ckpts["llama_b"], tmp_path / "cpu", 0.2,
                       progress=False)  # auto on the CPU: the torch engine
-    assert calls["kernel minmax"] == report.tensors_merged and calls["torch minmax"] > 0
+    assert calls["torch minmax"] > 0 and calls["torch patch"] == calls["kernel patch"]
 
 
 def test_auto_backend_is_torch_on_the_cpu():

@@ -39,7 +39,6 @@ from . import publish
 from .job import MergeJob, open_merge
 from .options import MergeOptions
 from .out_folder import make_parent
-from .prefetch import prefetched
 from .ranks import (DistributedMergeError, Group, OtherRankFailed, PeerLostError, agree,
                     agreed_error)
 from .report import MergeReport, Progress
@@ -199,7 +198,7 @@ def _merge_parts(group: Group, job: MergeJob, tmp: Path, split_above: int) -> Me
         if err is None:
             try:
                 whole = [p.name for p in mine if p.rows is None]
-                for name, t1 in prefetched(job.ck1, whole):
+                for name, t1 in job.base_tensors(whole):
                     writer.write(name, job.merge_one(name, t1, report))
                     del t1
                     progress.tick(writer.bytes_written)
@@ -261,7 +260,7 @@ def _merge_rows(group: Group, job: MergeJob, part: Part, writer: BackgroundWrite
             mn, mx = (-local[0]).to(info.dtype), local[1].to(info.dtype)
             result = select.apply(mn, mx, job.plan[name], job.options.precision,
                                   job.source(name, first))
-            block = on_device.cpu().view(block.shape)
+            job.staging.to_host(on_device, block)
             report.add(name, result, whole=a == 0 < b)  # a tensor is counted by one rank
         else:
             report.carry(a == 0 < b)

@@ -27,8 +27,10 @@ from .folder import Checkpoint, check_configs
 from .options import MergeOptions, parse_path
 from .out_folder import (COPIED, check_out_path, check_space, copy_base_files, out_path,
                          write_file)
+from .prefetch import prefetched
 from .report import MergeReport
 from .shard_writer import PlannedTensor, plan_shards
+from .staging import Staged, Staging
 
 
 @dataclass
@@ -47,6 +49,7 @@ class MergeJob:
     planned: list[PlannedTensor]    # every output tensor, in BASE's file order
     shards: list                    # the output's shard plan (shard_writer.Shard)
     copied: list[str]               # BASE's files copied beside the weights
+    staging: Staging                # host<->device copies for options.device
 
     def new_report(self) -> MergeReport:
         return MergeReport(out=self.out, bytes_base=self.ck1.weight_bytes,
@@ -69,21 +72,33 @@ class MergeJob:
 
     def on_device(self, t1: torch.Tensor) -> torch.Tensor:
         """t1 (contiguous, on the CPU) as a 1-D tensor on the merge's device (t1 itself on
-        the CPU; a copy on a GPU, as t1's buffer is reused for a later tensor)."""
-        return t1.view(-1).to(self.options.device)
+        the CPU; a copy on a GPU)."""
+        return self.staging.on_device(self.staging.stage(t1))
 
-    def merge_one(self, name: str, t1: torch.Tensor, report: MergeReport) -> torch.Tensor:
-        """BASE's whole tensor `name` (read, on the CPU) -> the output tensor (on the CPU),
-        counted in `report`."""
+    def base_tensors(self, names: list[str] | None = None
+                     ) -> Iterator[tuple[str, torch.Tensor | Staged]]:
+        """BASE's tensors (all, or `names`) in file order, read ahead (prefetch.prefetched);
+        those to merge already on their way to the merge's device, copied by the thread
+        that read them while the tensor before is merged."""
+        def stage(name: str, t1: torch.Tensor) -> torch.Tensor | Staged:
+            return self.staging.stage(t1) if name in self.plan else t1
+
+        return prefetched(self.ck1, names, pinned=self.staging.pinned, then=stage)
+
+    def merge_one(self, name: str, t1: torch.Tensor | Staged, report: MergeReport
+                  ) -> torch.Tensor:
+        """BASE's whole tensor `name` (read, on the CPU; or as `base_tensors` staged it) ->
+        the output tensor (on the CPU, in t1's buffer unless cast), counted in `report`."""
+        host = t1.host if isinstance(t1, Staged) else t1
         if name not in self.plan:
             report.carry()
-            return self.cast(t1)
-        flat = self.on_device(t1)
+            return self.cast(host)
+        flat = self.staging.on_device(t1 if isinstance(t1, Staged) else self.staging.stage(t1))
         result = select_flat(flat[:self.merged_numel(name)], self.source(name),
                              self.plan[name], precision=self.options.precision,
                              engine=self.engine, context=self.context(name))
         report.add(name, result)
-        return self.cast(flat.view(t1.shape).cpu())
+        return self.cast(self.staging.to_host(flat, host))
 
     def merged_numel(self, name: str) -> int:
         """How many leading elements of BASE's tensor `name` are merged: all of them, or
@@ -172,9 +187,11 @@ def open_merge(base: str | os.PathLike, other: str | os.PathLike, out: str | os.
         needed = sum(s.nbytes + len(s.header()) for s in shards) + \
             sum((base_p / f).stat().st_size for f in copied) + (1 << 20)
         check_space(out_p, needed)
-        yield MergeJob(base=base_p, other=other_p, out=out_p, options=options, ck1=ck1,
-                       ck2=ck2, engine=engine_for(options.resolved_backend), plan=plan,
-                       planned=planned, shards=shards, copied=copied)
+        staging = Staging(options.device)
+        with staging.current_device():
+            yield MergeJob(base=base_p, other=other_p, out=out_p, options=options, ck1=ck1,
+                           ck2=ck2, engine=engine_for(options.resolved_backend), plan=plan,
+                           planned=planned, shards=shards, copied=copied, staging=staging)
 
 
 def _plan(ck1: Checkpoint, ck2: Checkpoint, options: MergeOptions) -> dict[str, float]:

@@ -26,7 +26,6 @@ from . import publish
 from .job import open_merge
 from .options import MergeOptions
 from .out_folder import make_parent
-from .prefetch import prefetched
 from .report import MergeReport, Progress
 from .shard_writer import BackgroundWriter, ShardWriter
 
@@ -87,7 +86,7 @@ def merge_with_options(base: str | os.PathLike, other: str | os.PathLike,
         progress = Progress(options.progress, sum(s.nbytes for s in job.shards),
                             len(job.planned), options.hooks)
         try:
-            for name, t1 in prefetched(job.ck1):
+            for name, t1 in job.base_tensors():
                 writer.write(name, job.merge_one(name, t1, report))
                 del t1
                 progress.tick(writer.bytes_written)

@@ -276,6 +276,18 @@ class SafetensorsReader:
             self.read_into(out, info.offset)
         return out
 
+    def read_range(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Elements [start, stop) of tensor `name` (row-major flat indices) in one
+        positioned read: a new 1-D CPU tensor of the tensor's dtype."""
+        info = self.tensors[name]
+        if not 0 <= start <= stop <= info.numel:
+            raise CheckpointError(f"{self.path}: tensor {name!r}: internal: elements "
+                                  f"[{start}, {stop}) asked of {info.numel}")
+        out = torch.empty(stop - start, dtype=info.dtype)
+        if out.numel():
+            self.read_into(out, info.offset + start * info.itemsize)
+        return out
+
     def read_elements(self, name: str, flat_idx: torch.Tensor) -> torch.Tensor:
         """The elements of tensor `name` at sorted row-major flat indices, reading only the
         pages that hold them (consecutive pages in one read). Returns a 1-D tensor of the

@@ -1,17 +1,19 @@
 """The engines that run the passes of the weight select, behind one protocol.
 
-The select pipeline (select_pipeline.py) asks an engine for three things: the per-block
-min and max of t1 (copying t1 to the output on the way, out of place), the fused patch
-(take model 2's elements where `t1 >= v`, reading model 2 from a tensor in the same pass),
-and the sorted indices of the elements to take, for sources read at indices (a checkpoint
-file). `TorchEngine` runs vectorized torch ops (select_torch.py); `TritonEngine` runs the
-kernels of kernels/mod_select.py, and also packs many small tensors into one launch pair.
+The select pipeline (select_pipeline.py) asks an engine for: the per-block min and max of
+t1 (copying t1 to the output on the way, out of place), the fused patch (take model 2's
+elements where `t1 >= v`, reading model 2 from a tensor in the same pass), and, for
+sources read from a file, the hot blocks in groups, each with its count of elements to
+take and, on demand, their sorted indices (`groups`; `selected` gives just the indices).
+`TorchEngine` runs vectorized torch ops (select_torch.py); `TritonEngine` runs the kernels
+of kernels/mod_select.py (the indices compacted on the device), and also packs many small
+tensors into one launch pair.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from functools import cache
+from functools import cache, partial
 from typing import Literal, Protocol
 
 import torch
@@ -19,6 +21,7 @@ import torch
 from ..backends import kernel_module
 from . import select_torch
 from .select_source import TensorSource, take_at
+from .select_torch import HotGroup
 
 
 class SelectEngine(Protocol):
@@ -47,6 +50,16 @@ class SelectEngine(Protocol):
                  ) -> Iterator[torch.Tensor]:
         """The sorted flat indices (on flat's device) of the elements >= v, in bounded
         chunks, found from `block_max` (what `minmax` returned)."""
+
+    def groups(self, flat: torch.Tensor, v: torch.Tensor, block_max: torch.Tensor
+               ) -> Iterator[HotGroup]:
+        """The blocks holding elements >= v, in the groups of select_torch.hot_group_sizes
+        (the same on every engine), each with its count; the indices on demand."""
+
+    def patch_range(self, dst: torch.Tensor, t2: torch.Tensor, v: torch.Tensor,
+                    block_max: torch.Tensor) -> tuple[int, int]:
+        """`patch` (not atomic) for a range that takes many of its elements: t2 holds
+        model 2's values of the whole range (on dst's device)."""
 
 
 class PackedEngine(SelectEngine, Protocol):
@@ -84,6 +97,15 @@ class TorchEngine:
         v = v.reshape(1).to(flat.dtype)
         return select_torch.selected_chunks(flat, v, select_torch.hot_blocks(flat, v))
 
+    def groups(self, flat, v, block_max):
+        v = v.reshape(1).to(flat.dtype)
+        hot = select_torch.hot_blocks(flat, v)
+        for blocks in hot.split(select_torch.hot_group_sizes(hot)):
+            yield select_torch.hot_group(flat, v, blocks)
+
+    def patch_range(self, dst, t2, v, block_max):
+        return select_torch.patch_where(dst, t2, v)
+
 
 class TritonEngine:
     """The kernels of kernels/mod_select.py (CUDA tensors, or the CPU under
@@ -94,8 +116,8 @@ class TritonEngine:
 
     def __init__(self):
         self.kernels = kernel_module("mod_select")
-        # `selected` finds the hot blocks from the kernel's block maxima, and the elements
-        # in them with select_torch: both must mean the same blocks.
+        # `groups` groups the hot blocks as the torch engine does (select_torch), so a file
+        # is read the same way on both engines.
         assert self.kernels.BLOCK == select_torch.BLOCK
 
     def pack(self, sizes: list[int], device: torch.device):
@@ -112,11 +134,33 @@ class TritonEngine:
         return self.kernels.patch(dst, t2, v, block_max, atomic=atomic, table=table)
 
     def selected(self, flat, v, block_max):
-        # The hot blocks are the kernel's blocks whose maximum reaches v; their elements
-        # >= v are found on the device. (A compaction kernel mode can take this place.)
-        v = v.reshape(1).to(flat.dtype)
-        hot = torch.nonzero(block_max >= v).flatten()
-        return select_torch.selected_chunks(flat, v, hot)
+        return (group.indices() for group in self.groups(flat, v, block_max))
+
+    def groups(self, flat, v, block_max):
+        # Compaction on the device: each block's count (blocks below v are not read), an
+        # exclusive scan of the hot blocks' counts (their offsets), then per group one
+        # launch that writes each block's indices at its offset. The host learns only the
+        # hot blocks and their counts (one copy), to group them and size the outputs.
+        n, kernels = flat.numel(), self.kernels
+        counts = kernels.count_selected(flat, v, block_max)
+        hot = torch.nonzero(counts).flatten()
+        hot_counts = counts[hot]
+        offsets = torch.cumsum(hot_counts, 0) - hot_counts
+        hot_host, counts_host = torch.stack([hot, hot_counts]).cpu()
+        ends = torch.cumsum(counts_host, 0).tolist()
+        first = 0
+        for size in select_torch.hot_group_sizes(hot_host):
+            last = first + size - 1
+            b0, b1 = int(hot_host[first]), int(hot_host[last]) + 1
+            total = ends[last] - (ends[first - 1] if first else 0)
+            emit = partial(kernels.emit_selected, flat, v, block_max, hot[first:last + 1],
+                           offsets[first:last + 1] - offsets[first], total)
+            yield HotGroup(b0, b1, b0 * kernels.BLOCK, min(b1 * kernels.BLOCK, n), total,
+                           emit)
+            first = last + 1
+
+    def patch_range(self, dst, t2, v, block_max):
+        return self.patch(dst, t2, v, block_max)
 
 
 @cache

@@ -6,8 +6,9 @@ each rank of the distributed merge (a row block, its min and max reduced over th
 2. t1 must be finite (a NaN or an infinity shows in the min or max);
 3. the exact threshold v (select_reference.select_threshold), so `norm(x) < alpha <=> x < v`;
 4. what to take: the elements >= v (small tensors on the torch engine: the formula itself);
-5. model 2's values there: from a tensor (the engine's fused patch) or from a source read
-   only at the selected indices (a checkpoint file);
+5. model 2's values there: from a tensor (the engine's fused patch) or from a file, group
+   by group of hot blocks: a group that takes many elements read whole and patched like a
+   tensor, the others read only at their selected indices (`take_from_file`);
 6. they must be finite in t1's dtype;
 7. the write into the output.
 
@@ -71,7 +72,8 @@ class FlatSelect:
         flat = self.dst
         if flat.numel() == 0:
             return SelectResult(0, 0)
-        if flat.numel() <= self.engine.direct_max:
+        # a file goes by groups on every engine (so every engine reads it alike)
+        if flat.numel() <= self.engine.direct_max and source.tensor is not None:
             taken, bad = take_at(flat, source, [direct_taken(flat, mn, mx, alpha, precision)])
         else:
             v = select_threshold(mn, mx, alpha, precision).to(flat.device)
@@ -79,8 +81,8 @@ class FlatSelect:
                 taken, bad = self.engine.patch(flat, source.tensor, v, self.block_max,
                                                atomic=atomic)
             else:
-                taken, bad = take_at(flat, source,
-                                     self.engine.selected(flat, v, self.block_max), atomic)
+                taken, bad = take_from_file(flat, source, self.engine, v, self.block_max,
+                                            atomic)
         if bad >= 0:
             raise self.context.nonfinite_other(value_at(source, bad), bad, flat.dtype)
         return SelectResult(taken, flat.numel())
@@ -109,6 +111,32 @@ def direct_taken(flat: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor, alpha: 
     keep = normalized(flat, mn, mx, precision) < alpha_tensor(alpha, flat.dtype, precision,
                                                               flat.device)
     return torch.nonzero(~keep).flatten()
+
+
+def take_from_file(flat: torch.Tensor, source: ValueSource, engine: SelectEngine,
+                   v: torch.Tensor, block_max: torch.Tensor, atomic: bool = False
+                   ) -> tuple[int, int]:
+    """Steps 4-7 with model 2 in a file, one group of hot blocks at a time (bounded memory):
+    a group that takes many of its range's elements (source.reads_range) has that range
+    read in one read and patched by the engine like a tensor, without any index; the others
+    are read at their indices' pages. Returns (taken, first non-finite index or -1)."""
+    groups = engine.groups(flat, v, block_max)
+    if atomic:  # all values are checked before any is written: by their indices
+        return take_at(flat, source, (g.indices() for g in groups), atomic=True)
+    reads_range = getattr(source, "reads_range", None)  # a ReaderSource reads ranges
+    taken = 0
+    for g in groups:
+        if reads_range is not None and reads_range(g.count, g.stop - g.start):
+            values = source.read_range(g.start, g.stop).to(flat.device)  # type: ignore
+            n, bad = engine.patch_range(flat[g.start:g.stop], values, v,
+                                        block_max[g.first_block:g.end_block])
+            bad = bad + g.start if bad >= 0 else -1
+        else:
+            n, bad = take_at(flat, source, [g.indices()])
+        taken += n
+        if bad >= 0:
+            return taken, bad
+    return taken, -1
 
 
 def value_at(source: ValueSource, index: int) -> torch.Tensor:

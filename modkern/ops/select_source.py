@@ -15,6 +15,8 @@ from typing import Protocol
 
 import torch
 
+from .select_torch import nonfinite
+
 
 class ValueSource(Protocol):
     """Where model 2's values of one tensor (or row block) come from."""
@@ -46,6 +48,17 @@ class TensorSource:
         return gather_flat(self.tensor, flat_idx.to(self.tensor.device))
 
 
+# A group of hot blocks is read whole, in one positioned read of the range it spans, when
+# it takes at least this fraction of that range's elements; a sparser group is read at its
+# elements' pages only. Measured (bench/bench_low_alpha.py, bench/results/cpu_low_alpha.md):
+# the range route costs about 5 ns per element of the range, the page route a few hundred
+# ns per element taken (its index, its page); they cross between 3e-3 and 3e-2, and from
+# 1e-3 on nearly every 4 KB page holds a taken bf16 element anyway, so both read the same
+# bytes. At alpha 0.9 on N(0, 0.02) weights about 1e-5 to 1e-4 of the elements are taken:
+# the page route, a few % of OTHER's bytes.
+DENSE_FRACTION = 1e-2
+
+
 class ElementReader(Protocol):
     """What a ReaderSource reads from (e.g. checkpoint.safetensors_io.SafetensorsReader)."""
 
@@ -54,9 +67,9 @@ class ElementReader(Protocol):
 
 class ReaderSource:
     """Tensor `name` of a file, read only at the elements asked for; `first` is the flat
-    index in that tensor of the part's first element (a row block). (How a file is read
-    for a chunk of indices, positioned reads of their pages or one sequential read when
-    many are selected, is decided here.)"""
+    index in that tensor of the part's first element (a row block). How a file is read
+    is decided here: `reads_range` says when a range that takes many elements is read
+    whole (`read_range`, if the reader has one) rather than at its elements (`read`)."""
 
     tensor = None
 
@@ -65,6 +78,15 @@ class ReaderSource:
 
     def read(self, flat_idx: torch.Tensor) -> torch.Tensor:
         return self.reader.read_elements(self.name, flat_idx.cpu() + self.first)
+
+    def reads_range(self, taken: int, span: int) -> bool:
+        """Whether a range of `span` elements of the part that takes `taken` of them is
+        read whole (one sequential read) rather than at its elements' pages."""
+        return hasattr(self.reader, "read_range") and taken >= DENSE_FRACTION * span
+
+    def read_range(self, start: int, stop: int) -> torch.Tensor:
+        """Model 2's elements [start, stop) of the part (as stored), in one read."""
+        return self.reader.read_range(self.name, self.first + start, self.first + stop)
 
 
 def take_at(dst: torch.Tensor, source: ValueSource, chunks: Iterable[torch.Tensor],
@@ -95,9 +117,9 @@ def take_at(dst: torch.Tensor, source: ValueSource, chunks: Iterable[torch.Tenso
 def _take_chunk(dst: torch.Tensor, source: ValueSource, idx: torch.Tensor,
                 write: bool) -> tuple[int, int]:
     vals = source.read(idx).to(device=dst.device, dtype=dst.dtype)
-    finite = torch.isfinite(vals)
-    if not bool(finite.all()):
-        return 0, int(idx[~finite.to(idx.device)][0])
+    bad = nonfinite(vals)
+    if bool(bad.any()):
+        return 0, int(idx[bad.to(idx.device)][0])
     if write:
         dst[idx.to(dst.device)] = vals
     return idx.numel(), -1

@@ -13,11 +13,17 @@ every pass is one vectorized torch op over t1's raw bits, never a float32 copy:
    group of blocks at a time. Model 2 is then read at just those elements (see
    select_source.take_at). At alpha 0.9 about 1e-5 of the elements come from t2, so t2 is
    barely touched.
+
+For model 2 read from a file, the hot blocks go in groups (`hot_group_sizes`, the same on
+every engine) and each group (`hot_group`) says how many elements it takes before any
+index is built: a group that takes many is patched with `patch_where` over the range it
+spans (no index at all), the others by their indices.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -26,6 +32,9 @@ from .select_reference import INT_OF_SIZE
 BLOCK = 4096
 
 HOT_GROUP = 256  # blocks whose selected elements are gathered per step (bounds memory)
+# Model 2 read from a file goes by groups: the hot blocks of one window of this many blocks
+# (4M elements; a group read whole is at most 8 MB of bf16).
+SPAN_GROUP = 1024
 # Up to this many elements, evaluating the formula itself costs less than the threshold
 # search (about 0.3 ms of small torch ops): norms and biases take that path.
 DIRECT_MAX = 1 << 14
@@ -79,3 +88,74 @@ def selected_in_blocks(flat: torch.Tensor, v: torch.Tensor,
         tail = torch.nonzero(flat[n_full * BLOCK:] >= v).flatten() + n_full * BLOCK
         idx = torch.cat([idx, tail])
     return idx
+
+
+def hot_group_sizes(hot: torch.Tensor) -> list[int]:
+    """How the sorted hot block numbers `hot` split into groups, in order: those of each
+    window of SPAN_GROUP blocks, so that what a group holds (its range when read whole, its
+    indices otherwise) stays bounded. Every engine groups alike, so a file is read alike."""
+    hot = hot.cpu()
+    if hot.numel() == 0:
+        return []
+    return torch.unique_consecutive(hot // SPAN_GROUP, return_counts=True)[1].tolist()
+
+
+@dataclass
+class HotGroup:
+    """A group of hot blocks of a flat tensor: blocks [first_block, end_block) hold them
+    (flat indices [start, stop)), `count` of their elements are >= v, and `indices()`
+    gives those elements' sorted flat indices."""
+
+    first_block: int
+    end_block: int
+    start: int
+    stop: int
+    count: int
+    indices: Callable[[], torch.Tensor]
+
+
+def hot_group(flat: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor) -> HotGroup:
+    """The group of the sorted hot `blocks` of `flat` (v in flat's dtype): its count from
+    one compare over the blocks (a view when they are consecutive)."""
+    b0, b1 = int(blocks[0]), int(blocks[-1]) + 1
+    start, stop = b0 * BLOCK, min(b1 * BLOCK, flat.numel())
+    if b1 - b0 == blocks.numel():  # consecutive blocks: no gather, no index yet
+        take = flat[start:stop] >= v
+        return HotGroup(b0, b1, start, stop, int(torch.count_nonzero(take)),
+                        lambda: torch.nonzero(take).flatten() + start)
+    idx = selected_in_blocks(flat, v, blocks)
+    return HotGroup(b0, b1, start, stop, idx.numel(), lambda: idx)
+
+
+# Exponent bits of each float dtype: all set means an infinity or a NaN.
+EXPONENT = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00, torch.float32: 0x7F800000,
+            torch.float64: 0x7FF0000000000000}
+
+
+def nonfinite(t: torch.Tensor) -> torch.Tensor:
+    """Where the float tensor t is inf or NaN, from its bits (several times faster than
+    torch.isfinite on bf16 on the CPU)."""
+    if t.dtype not in EXPONENT:
+        return ~torch.isfinite(t)
+    mask = EXPONENT[t.dtype]
+    return (t.view(INT_OF_SIZE[t.element_size()]) & mask) == mask
+
+
+def patch_where(dst: torch.Tensor, t2: torch.Tensor, v: torch.Tensor) -> tuple[int, int]:
+    """Write t2's elements (converted to dst's dtype) into the contiguous 1-D `dst`
+    wherever dst >= v, by masks over the whole range (for ranges that take many). Nothing
+    is written if a selected value is not finite. Returns (elements taken, index in dst of
+    the first non-finite selected value or -1)."""
+    take = dst >= v.reshape(1).to(dst.dtype)
+    values = t2.to(dst.dtype)
+    bad = take & nonfinite(values)
+    if bool(bad.any()):
+        return 0, int(bad.to(torch.uint8).argmax())
+    # dst ^= (dst ^ t2) & mask on the bits: the same as torch.where(take, t2, dst), which
+    # is scalar code on the CPU (about 40x slower on bf16 here)
+    as_int = INT_OF_SIZE[dst.element_size()]
+    bits = dst.view(as_int)
+    diff = bits ^ values.view(as_int)
+    diff &= take.to(as_int).neg_()  # all ones where taken
+    bits ^= diff
+    return int(torch.count_nonzero(take)), -1
