@@ -29,6 +29,7 @@ _LAZY = {
     "mix_logits_many_reference": "ops.mix_reference",
     "merge_state_dicts": "merging.state_dict",
     "MergeStats": "merging.counts",
+    "sweep_merges": "merging.sweep",
     "merge_checkpoints": "checkpoint.merge",
     "MergeReport": "checkpoint.report",
     "merge_checkpoints_distributed": "checkpoint.distributed",
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from .decoding.generation import MixtureOfDistributions, generate
     from .merging.counts import MergeStats
     from .merging.state_dict import merge_state_dicts
+    from .merging.sweep import sweep_merges
     from .ops.mix import mix_logits, mix_logits_many
     from .ops.mix_reference import mix_logits_many_reference, mix_logits_reference
     from .ops.select import mod_select, mod_select_

@@ -120,7 +120,7 @@ def _first_of_each_storage(sd1: Mapping[str, torch.Tensor],
     seen: set[tuple] = set()
     kept = {}
     for name, a in plan.items():
-        key = _storage_key(sd1[name])
+        key = storage_key(sd1[name])
         if key not in seen:
             seen.add(key)
             kept[name] = a
@@ -128,25 +128,26 @@ def _first_of_each_storage(sd1: Mapping[str, torch.Tensor],
 
 
 def check_shared_storage(sd1: Mapping[str, torch.Tensor], sd2: Mapping[str, torch.Tensor],
-                         plan: Mapping[str, float]) -> None:
+                         plan: Mapping[str, float],
+                         remedy: str = "merge with inplace=False") -> None:
     """Before an in-place merge: sd1 tensors that share memory must be exactly tied (one
     view, merged once) with one alpha and equal model-2 tensors, or the in-place result
     could not equal the out-of-place one (a second view would be merged from values already
-    merged). Raise ModkernError naming both keys otherwise."""
+    merged). Raise ModkernError naming both keys and ending with `remedy` otherwise."""
     first: dict[tuple, str] = {}
     spans: dict[int, list[tuple[int, int, str]]] = {}
     for name, a in plan.items():
         t1 = sd1[name]
         if t1.numel() == 0:
             continue
-        key = _storage_key(t1)
+        key = storage_key(t1)
         if key in first:
             other = first[key]
             if plan[other] != a or not _same_values(sd2[other], sd2[name]):
                 raise ModkernError(
                     f"tensors {other!r} and {name!r} share memory in model 1 (base) (tied "
                     "weights) but model 2 (other) or their alpha differ, so they cannot be "
-                    "merged in place into one tensor; merge with inplace=False")
+                    f"merged in place into one tensor; {remedy}")
             continue
         first[key] = name
         lo = t1.storage_offset() * t1.element_size()
@@ -158,14 +159,15 @@ def check_shared_storage(sd1: Mapping[str, torch.Tensor], sd2: Mapping[str, torc
                 raise ModkernError(
                     f"tensors {other!r} and {name!r} overlap in memory in model 1 (base) as "
                     "different views; an in-place merge would merge the second from values "
-                    "already merged; merge with inplace=False")
+                    f"already merged; {remedy}")
         spans.setdefault(ptr, []).append((lo, hi, name))
 
 
 def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a is b or _storage_key(a) == _storage_key(b) or (
+    return a is b or storage_key(a) == storage_key(b) or (
         a.dtype == b.dtype and a.shape == b.shape and bool(torch.equal(a, b)))
 
 
-def _storage_key(t: torch.Tensor) -> tuple:
+def storage_key(t: torch.Tensor) -> tuple:
+    """Tensors with one key are the same view of one memory (tied weights)."""
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
