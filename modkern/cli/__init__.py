@@ -19,6 +19,7 @@ COMMANDS = {
     "demo": "demo",
     "generate": "generate",
     "merge": "merge",
+    "sweep": "sweep",
 }
 
 

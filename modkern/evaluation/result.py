@@ -80,16 +80,11 @@ class SweepResult:
 
     @property
     def objective(self) -> str:
-        keys = list(self.rows[0].scores) if self.rows else [MEAN]
-        return MEAN if MEAN in keys else keys[0] if len(keys) == 1 else MEAN
+        return objective_of(self.rows[0].scores) if self.rows else MEAN
 
     def value(self, row: SweepRow) -> float:
         """The row's objective (NaN never wins)."""
-        if self.objective in row.scores:
-            v = row.scores[self.objective]
-        else:
-            v = sum(row.scores.values()) / len(row.scores)
-        return -math.inf if math.isnan(v) else v
+        return objective_value(row.scores)
 
     @property
     def best(self) -> SweepRow:
@@ -137,6 +132,20 @@ class SweepResult:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return path
+
+
+def objective_of(scores: Mapping[str, float]) -> str:
+    """The score that ranks rows: "mean" when present, else the only score, else "mean"
+    (of all the scores)."""
+    keys = list(scores)
+    return MEAN if MEAN in keys else keys[0] if len(keys) == 1 else MEAN
+
+
+def objective_value(scores: Mapping[str, float]) -> float:
+    """The value of the objective of `scores` (higher is better; NaN ranks last)."""
+    key = objective_of(scores)
+    v = scores[key] if key in scores else sum(scores.values()) / len(scores)
+    return -math.inf if math.isnan(v) else v
 
 
 def _count(row: SweepRow) -> str:

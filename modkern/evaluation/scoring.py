@@ -7,9 +7,10 @@
   answer's number of tokens, decodes to the answer (both stripped of surrounding spaces).
 
 Both take an `EvalSet` (examples + tokenizer) and return a function of the model giving a
-dict of floats (its `metric` attribute names the metric). Batches are left-padded with explicit position ids (as transformers'
-generate pads), so every answer ends in the last column and only the last columns' logits
-are computed (`logits_to_keep`, when the model takes it). The model is a causal LM called
+dict of floats (its `metric` attribute names the metric). Batches are left-padded with
+explicit position ids (as transformers' generate pads), so every answer ends in the last
+column and only the last columns' logits are computed (`logits_to_keep`, when the model
+takes it). The model is a causal LM called
 as `model(input_ids=, attention_mask=, position_ids=)` returning `.logits` (transformers').
 """
 
