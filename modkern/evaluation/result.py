@@ -113,8 +113,8 @@ class SweepResult:
             line = f"{'*' if r is best else ' '} {r.label:<{width}}"
             line += "".join(f"{r.scores.get(k, math.nan):>12.4f}" for k in keys)
             if with_counts:
-                line += f"{_count(r):>18}{r.seconds:>9.3f}"
-            lines.append(line + f"{r.score_seconds:>9.3f}")
+                line += f"{_count(r):>18}{r.seconds:>9.4f}"
+            lines.append(line + f"{r.score_seconds:>9.4f}")
         return "\n".join(lines)
 
     def records(self) -> list[dict]:
