@@ -22,6 +22,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["modkern", "modkern.ops", "modkern.merging", "modkern.checkpoint", "modkern.decoding",
+              "modkern.evaluation",
               "modkern.cli", "modkern.demo", "modkern.integrations", "modkern.kernels"],
     package_dir={"modkern": "modkern", "modkern.kernels": "kernels"},
     install_requires=[

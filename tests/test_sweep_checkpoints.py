@@ -10,7 +10,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from _checkpoints import ckpts, load_folder, run_cli  # noqa: F401  (session fixture)
 
 import modkern

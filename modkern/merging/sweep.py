@@ -166,7 +166,7 @@ class MergeSweep:
             return
         source = (self.inputs.source_of or (lambda n: TensorSource(t2)))(name)
         original = (self.inputs.original_of or (lambda n: TensorSource(t1)))(name)
-        self.tensors[name] = TensorSweep(flat, mn, mx, wanted, precision=self.precision,
+        self.tensors[name] = TensorSweep(flat, (mn, mx), wanted, precision=self.precision,
                                          source=source, original=original, context=context)
 
     # --- steps --------------------------------------------------------------------------

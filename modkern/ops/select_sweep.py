@@ -36,31 +36,26 @@ class TensorSweep:
     """The sweep state of one tensor (see the module docstring).
 
     flat: the contiguous 1-D working tensor, holding t1's values; patched in place.
-    mn, mx: t1's min and max (0-dim, t1's dtype), from `FlatSelect.bounds`.
+    bounds: t1's (min, max) (0-dim, t1's dtype), from `FlatSelect.bounds`.
     alphas: the alphas the sweep will visit (any order, repeats allowed); another alpha
         still works but costs a regrouping of this tensor.
     source: model 2's values (read once, at the lowest alpha's selection).
-    original: t1's values, read where a step gives elements back to t1.
-    thresholds: select_threshold(mn, mx, alphas) when the caller found them already (e.g.
-        for many tensors at once)."""
+    original: t1's values, read where a step gives elements back to t1."""
 
-    def __init__(self, flat: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor,
+    def __init__(self, flat: torch.Tensor, bounds: tuple[torch.Tensor, torch.Tensor],
                  alphas: Sequence[float], *, precision: str, source: ValueSource,
-                 original: ValueSource, context: SelectContext,
-                 thresholds: torch.Tensor | None = None):
-        self.flat, self.mn, self.mx, self.precision = flat, mn, mx, precision
+                 original: ValueSource, context: SelectContext):
+        self.flat, (self.mn, self.mx), self.precision = flat, bounds, precision
         self.source, self.original, self.context = source, original, context
         self.ops = ArrayOps.for_tensor(flat)
         self.bits = self.ops.bits(flat)
-        self._group(list(alphas), thresholds)
+        self._group(list(alphas))
 
     # --- building -----------------------------------------------------------------------
 
-    def _group(self, alphas: list[float], thresholds: torch.Tensor | None) -> None:
+    def _group(self, alphas: list[float]) -> None:
         """Find the thresholds of `alphas` and group t1 by them; `flat` must hold t1."""
-        if thresholds is None:
-            thresholds = self._thresholds(alphas)
-        keys = threshold_keys(thresholds)
+        keys = threshold_keys(self._thresholds(alphas))
         self.keys = sorted(set(keys))
         self.alphas = list(alphas)
         self.level_of = {a: self.keys.index(k) for a, k in zip(alphas, keys)}
@@ -112,7 +107,7 @@ class TensorSweep:
                 self.level_of[alpha] = self.keys.index(key)
             else:
                 self.go(self.levels)
-                self._group(self.alphas + [alpha], None)
+                self._group(self.alphas + [alpha])
         return self.level_of[alpha]
 
     def taken(self, level: int) -> int:
