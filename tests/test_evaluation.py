@@ -209,3 +209,16 @@ def test_sweep_mixture_equals_the_mixture_by_hand(models, tok):
     assert result.rows[2].scores["add"] == pytest.approx(ends[0]["add"], abs=1e-5)
     assert result.rows[0].scores["add"] == pytest.approx(ends[1]["add"], abs=1e-5)
     assert not math.isnan(result.value(result.best))
+
+
+def test_sweep_refuses_a_state_dict_of_copies():
+    class Copying(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(3))
+
+        def state_dict(self, *args, **kwargs):
+            return {"w": self.w.detach().clone()}
+
+    with pytest.raises(OptionError, match="'w' is a copy"):
+        modkern.sweep(Copying(), Copying(), [0.5], lambda m: 0.0)

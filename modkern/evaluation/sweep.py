@@ -46,7 +46,7 @@ def sweep(model1: torch.nn.Module, model2: torch.nn.Module, alphas: Iterable[Alp
     rules = list(alphas)
     options = check_merge_options(merge_options)
     work = working_copy(model1)
-    inputs = SweepInputs(model1.state_dict(), model2.state_dict(), working=work.state_dict())
+    inputs = SweepInputs(model1.state_dict(), model2.state_dict(), working=patchable(work))
     with torch.no_grad():
         swept = MergeSweep(inputs, rules, **options)
     return SweepResult([score_step(swept, k, rule, work, score, on_row)
@@ -70,6 +70,21 @@ def working_copy(model: torch.nn.Module) -> torch.nn.Module:
         if not param.is_contiguous():
             param.data = param.data.contiguous()
     return work
+
+
+def patchable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict, each floating-point entry checked to be a view of one of its
+    parameters or buffers (patching it patches the model)."""
+    owned = {t.untyped_storage().data_ptr()
+             for t in [*model.parameters(), *model.buffers()]}
+    state = model.state_dict()
+    for name, t in state.items():
+        if t.is_floating_point() and t.untyped_storage().data_ptr() not in owned:
+            raise OptionError(f"sweep: model 1's state_dict() entry {name!r} is a copy, not "
+                              "a view of a parameter or buffer, so the working model cannot "
+                              "be patched through it; sweep the state dicts with "
+                              "sweep_merges instead")
+    return state
 
 
 def score_step(swept: MergeSweep, step: int | None, rule: AlphaRule, model: torch.nn.Module,
