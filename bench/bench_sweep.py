@@ -35,7 +35,7 @@ from _common import SMALL  # noqa: E402  (bench/ is on sys.path)
 ALPHAS = [round(0.95 - 0.05 * i, 2) for i in range(10)]
 HIDDEN, INTER, KV, LAYERS, VOCAB = (64, 160, 16, 2, 512) if SMALL else \
     (896, 4864, 128, 24, 151936)
-ROUNDS = 1 if SMALL else 3
+ROUNDS = 1 if SMALL else 2
 IMPLS = ["merge-0.95", "merge-0.5", "loop-10", "sweep-10"]
 
 
