@@ -202,14 +202,13 @@ def _group_chunk(bits, start: int, keys: list[int], fetch: Fetch, ops: ArrayOps,
     values = ops.from_torch(fetch(ops.to_torch(index)))
     group_of = group_numbers(ops.take(chunk, selected), keys, ops)
     bad = ops.flatnonzero(nonfinite(values, dtype))
-    small = len(bits) < 2 ** 31
+    stored = ops.compact(index, small=len(bits) < 2 ** 31)  # once: the takes move half
     for j in range(len(keys)):
         positions = ops.flatnonzero(group_of == j)
         if len(positions) == 0:
             continue
         bad_here = index[bad][group_of[bad] == j] if len(bad) else index[:0]
-        parts[j] = (Piece(ops.compact(ops.take(index, positions), small),
-                          ops.take(values, positions)),
+        parts[j] = (Piece(ops.take(stored, positions), ops.take(values, positions)),
                     int(bad_here.min()) if len(bad_here) else None)
     return parts
 
