@@ -12,6 +12,7 @@ the timings.
 
     pytest bench/bench_sweep.py --benchmark-only --benchmark-json=sweep.json
     python bench/bench_sweep.py            # the Markdown of bench/results/cpu_sweep.md
+    python bench/bench_sweep.py --threads 1
 
 Weights: N(0, 0.02) for matrices, 1 + N(0, 0.02) for norms, as bf16 (Qwen2.5-0.5B: 24
 layers, hidden 896, MLP 4864, 2 KV heads, vocab 151936, tied head: 494M elements, ~0.99 GB
@@ -29,6 +30,7 @@ import pytest
 import torch
 
 import modkern
+from modkern.merging.sweep import MergeSweep, SweepInputs
 
 from _common import SMALL  # noqa: E402  (bench/ is on sys.path)
 
@@ -83,8 +85,6 @@ RUNS = {"merge-0.95": lambda sd1, sd2: modkern.merge_state_dicts(sd1, sd2, 0.95)
 def check_bit_identity(sd1, sd2) -> int:
     """Every step of the sweep against merge_state_dicts (untimed); the sweep's index and
     model-2 values in bytes."""
-    from modkern.merging.sweep import MergeSweep, SweepInputs
-
     swept = MergeSweep(SweepInputs(sd1, sd2), ALPHAS)
     for k, alpha in enumerate(ALPHAS):
         merged = swept.step(k)
@@ -111,12 +111,15 @@ def bench_sweep(benchmark, pair, impl):
 
 # --- `python bench/bench_sweep.py`: one run, the Markdown table --------------------------
 
-def timed(run, *args) -> float:
-    best = float("inf")
+def timed_rounds(sd1, sd2) -> dict[str, float]:
+    """The best of ROUNDS wall times of each run, the runs interleaved round by round (so a
+    change of the machine's load hits them alike)."""
+    best = dict.fromkeys(IMPLS, float("inf"))
     for _ in range(ROUNDS):
-        start = time.perf_counter()
-        run(*args)
-        best = min(best, time.perf_counter() - start)
+        for impl in IMPLS:
+            start = time.perf_counter()
+            RUNS[impl](sd1, sd2)
+            best[impl] = min(best[impl], time.perf_counter() - start)
     return best
 
 
@@ -124,7 +127,7 @@ def report() -> str:
     load_before = os.getloadavg()[0]
     sd1, sd2 = state_dict(0), state_dict(1)
     elements = sum(t.numel() for t in sd1.values())
-    times = {impl: timed(RUNS[impl], sd1, sd2) for impl in IMPLS}
+    times = timed_rounds(sd1, sd2)
     state = check_bit_identity(sd1, sd2)
     load_after = os.getloadavg()[0]
     mean_merge = times["loop-10"] / len(ALPHAS)
@@ -132,7 +135,7 @@ def report() -> str:
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs "
         f"(torch uses {torch.get_num_threads()} threads); Python {platform.python_version()}, "
         f"torch {torch.__version__}; load average {load_before:.2f} before, "
-        f"{load_after:.2f} after; best of {ROUNDS} rounds each.",
+        f"{load_after:.2f} after; best of {ROUNDS} interleaved rounds each.",
         "",
         f"State dict: {elements / 1e6:.0f}M bf16 elements ({elements * 2 / 1e9:.2f} GB per "
         f"model); alphas {', '.join(f'{a:g}' for a in ALPHAS)}.",
@@ -157,4 +160,6 @@ def report() -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(print(report()))
+    if sys.argv[1:2] == ["--threads"]:
+        torch.set_num_threads(int(sys.argv[2]))
+    print(report())

@@ -10,6 +10,7 @@ from a `ValueSource`), the same errors at the same step. Each tensor is a `Tenso
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -17,9 +18,11 @@ import torch
 
 from ..backends import resolve_backend
 from ..checks import check_precision
+from ..errors import ModkernError
 from ..ops.select_context import SelectContext
 from ..ops.select_engine import engine_for
 from ..ops.select_pipeline import FlatSelect, SelectResult
+from ..ops.select_reference import select_threshold
 from ..ops.select_source import TensorSource, ValueSource
 from ..ops.select_sweep import TensorSweep
 from .counts import MergeStats
@@ -28,6 +31,18 @@ from .plan import ContextOf, alphas as plan_alphas, check_keys, names_to_merge
 from .state_dict import check_shared_storage, storage_key
 
 Plan = dict[str, float]
+
+
+@dataclass
+class Pending:
+    """A tensor whose sweep is being set up: its working tensor (flat, holding t1), t1's
+    min and max, and the alphas it will meet."""
+
+    name: str
+    flat: torch.Tensor
+    mn: torch.Tensor
+    mx: torch.Tensor
+    wanted: list[float]
 
 
 def sweep_merges(sd1: Mapping[str, torch.Tensor], sd2: Mapping[str, torch.Tensor],
@@ -112,12 +127,10 @@ class MergeSweep:
         self.tensors: dict[str, TensorSweep | None] = {}  # None: an empty tensor
         self.errors: dict[str, Exception] = {}
         seen = [p for p in self.plans if isinstance(p, dict)]
-        for name in self.names:
-            if self.leader[name] == name:
-                group = [n for n in self.names if self.leader[n] == name]
-                wanted = list(dict.fromkeys(p[n] for p in seen for n in group if n in p))
-                if wanted:
-                    self._start(name, wanted)
+        wanted = {lead: list(dict.fromkeys(p[n] for p in seen for n in self.names
+                                           if self.leader[n] == lead and n in p))
+                  for lead in dict.fromkeys(self.leader.values())}
+        self._build([self._bounds(n, w) for n, w in wanted.items() if w])
 
     @property
     def inplace(self) -> bool:
@@ -143,11 +156,11 @@ class MergeSweep:
         return {n: first.setdefault(storage_key(self.inputs.working[n]), n)
                 for n in self.names}
 
-    def _start(self, name: str, wanted: list[float]) -> None:
-        """Set up the TensorSweep of `name`; an error (a non-finite t1) is kept for the
-        steps that merge it."""
-        t1, t2 = self.inputs.sd1[name], self.inputs.sd2[name]
-        context = self.inputs.context_of(name)
+    def _bounds(self, name: str, wanted: list[float]) -> Pending | None:
+        """The working tensor of `name` (holding t1) and t1's min and max; None for an
+        empty tensor or an error (a non-finite t1: kept, raised at the steps that merge
+        it)."""
+        t1 = self.inputs.sd1[name]
         if self.inplace:
             work = self.inputs.working[name]
             flat, src = work.view(-1), None
@@ -155,19 +168,39 @@ class MergeSweep:
             work = torch.empty(t1.shape, dtype=t1.dtype, device=t1.device)
             flat, src = work.view(-1), t1.contiguous().view(-1)
         self.working_of[name] = work
+        self.tensors[name] = None
         engine = engine_for(resolve_backend(self.backend, work))
         try:
-            mn, mx = FlatSelect(flat, engine, context, src).bounds()
-        except Exception as err:  # noqa: BLE001 -- raised at the steps that merge it
+            mn, mx = FlatSelect(flat, engine, self.inputs.context_of(name), src).bounds()
+        except ModkernError as err:
             self.errors[name] = err
-            return
-        if flat.numel() == 0:
-            self.tensors[name] = None
-            return
+            return None
+        return Pending(name, flat, mn, mx, wanted) if flat.numel() else None
+
+    def _build(self, pending: list[Pending | None]) -> None:
+        """The TensorSweeps of the tensors whose bounds are known, their thresholds found
+        together per dtype and device (one vectorized search instead of one per tensor)."""
+        batches: dict[tuple, list[Pending]] = defaultdict(list)
+        for p in pending:
+            if p is not None:
+                batches[(p.flat.dtype, p.flat.device)].append(p)
+        for batch in batches.values():
+            width = max(len(p.wanted) for p in batch)
+            alphas = torch.tensor([p.wanted + p.wanted[-1:] * (width - len(p.wanted))
+                                   for p in batch], dtype=torch.float64)
+            mn = torch.stack([p.mn.reshape(1) for p in batch])  # [T, 1] against alphas [T, K]
+            mx = torch.stack([p.mx.reshape(1) for p in batch])
+            thresholds = select_threshold(mn, mx, alphas.to(mn.device), self.precision)
+            for p, v in zip(batch, thresholds):
+                self.tensors[p.name] = self._tensor_sweep(p, v[:len(p.wanted)])
+
+    def _tensor_sweep(self, p: Pending, thresholds: torch.Tensor) -> TensorSweep:
+        t1, t2, name = self.inputs.sd1[p.name], self.inputs.sd2[p.name], p.name
         source = (self.inputs.source_of or (lambda n: TensorSource(t2)))(name)
         original = (self.inputs.original_of or (lambda n: TensorSource(t1)))(name)
-        self.tensors[name] = TensorSweep(flat, (mn, mx), wanted, precision=self.precision,
-                                         source=source, original=original, context=context)
+        return TensorSweep(p.flat, (p.mn, p.mx), p.wanted, precision=self.precision,
+                           source=source, original=original,
+                           context=self.inputs.context_of(name), thresholds=thresholds)
 
     # --- steps --------------------------------------------------------------------------
 
@@ -184,10 +217,8 @@ class MergeSweep:
         plan = self._plan(rule)
         if isinstance(plan, Exception):
             raise plan
-        for name, a in plan.items():
-            if self.leader[name] == name and name not in self.tensors and \
-                    name not in self.errors:
-                self._start(name, [a])
+        self._build([self._bounds(name, [a]) for name, a in plan.items()
+                     if self.leader[name] == name and name not in self.working_of])
         return self._apply(plan)
 
     def _apply(self, plan: Plan) -> dict[str, torch.Tensor]:

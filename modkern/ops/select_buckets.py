@@ -8,7 +8,7 @@ threshold u_j takes exactly groups j..m-1, so going from u_j to u_k touches only
 between j and k: the elements that change.
 
 Everything works on t1's raw bits (`at_or_above` compares them with a threshold's ordered
-key, `ordered_keys`), so no float is converted. One pass over t1 finds the elements at or
+key), so no float is converted. One pass over t1 finds the elements at or
 above u_0; the further thresholds number the groups of those elements, and one pass per
 group picks its elements. A tensor is processed in chunks of CHUNK elements, so the
 temporaries stay bounded whatever its size; each group is kept as one piece per chunk.
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .select_reference import INT_OF_SIZE
+from .select_reference import INT_OF_SIZE, to_ordered
 
 CHUNK = 1 << 20  # elements of t1 grouped at a time: the temporaries stay in cache
 
@@ -67,9 +67,6 @@ class ArrayOps:
             return np.zeros(n, np.uint8 if small else np.int32)
         return torch.zeros(n, dtype=torch.uint8 if small else torch.int32, device=self.device)
 
-    def where(self, cond, a, b):
-        return np.where(cond, a, b) if self.numpy else torch.where(cond, a, b)
-
     def compact(self, index, small: bool):
         """Flat indices as stored: int32 when the tensor has fewer than 2**31 elements."""
         if not small:
@@ -85,14 +82,6 @@ class ArrayOps:
 
     def from_torch(self, t: torch.Tensor):
         return t.numpy() if self.numpy else t
-
-
-def ordered_keys(bits, ops: ArrayOps):
-    """Integer keys of float bit patterns (finite or infinite, not NaN) whose order is the
-    floats' order: a float's bits are sign and magnitude, the key is +magnitude or
-    -magnitude, so -0.0 and +0.0 both map to 0, as they compare equal."""
-    magnitude = bits & _max_positive(bits)
-    return ops.where(bits < 0, -magnitude, magnitude)
 
 
 def at_or_above(bits, key: int):
@@ -123,9 +112,10 @@ def _inf_bits(dtype: torch.dtype) -> int:
 
 
 def threshold_keys(v: torch.Tensor) -> list[int]:
-    """The ordered keys of thresholds v (a 1-D tensor of t1's dtype), as Python ints."""
-    ops = ArrayOps()
-    return ordered_keys(ops.bits(v.detach().cpu().contiguous()), ops).tolist()
+    """Integer keys of thresholds v (a 1-D tensor of t1's dtype, finite or infinite) whose
+    order is the floats' order (select_reference.to_ordered: +magnitude or -magnitude, so
+    -0.0 and +0.0 both map to 0)."""
+    return to_ordered(v.detach().cpu().contiguous()).tolist()
 
 
 @dataclass
@@ -148,7 +138,9 @@ class Groups:
     first_bad: list[int | None] = field(default_factory=list)
 
 
-Fetch = Callable[[torch.Tensor], torch.Tensor]  # sorted flat indices -> bits of t1's dtype
+# (ascending positions in a chunk, the chunk's first flat index) -> model 2's values there,
+# as bits of t1's dtype (arrays of the ArrayOps in use)
+Fetch = Callable[[object, int], object]
 
 
 def group_by_thresholds(flat: torch.Tensor, keys: list[int], fetch: Fetch,
@@ -198,17 +190,17 @@ def _group_chunk(bits, start: int, keys: list[int], fetch: Fetch, ops: ArrayOps,
     selected = ops.flatnonzero(at_or_above(chunk, keys[0]))
     if len(selected) == 0:
         return parts
-    index = selected + start
-    values = ops.from_torch(fetch(ops.to_torch(index)))
+    values = fetch(selected, start)
     group_of = group_numbers(ops.take(chunk, selected), keys, ops)
     bad = ops.flatnonzero(nonfinite(values, dtype))
-    stored = ops.compact(index, small=len(bits) < 2 ** 31)  # once: the takes move half
+    index = ops.compact(selected, small=len(bits) < 2 ** 31)  # once: the takes move half
+    index += start
     for j in range(len(keys)):
         positions = ops.flatnonzero(group_of == j)
         if len(positions) == 0:
             continue
         bad_here = index[bad][group_of[bad] == j] if len(bad) else index[:0]
-        parts[j] = (Piece(ops.take(stored, positions), ops.take(values, positions)),
+        parts[j] = (Piece(ops.take(index, positions), ops.take(values, positions)),
                     int(bad_here.min()) if len(bad_here) else None)
     return parts
 

@@ -40,22 +40,28 @@ class TensorSweep:
     alphas: the alphas the sweep will visit (any order, repeats allowed); another alpha
         still works but costs a regrouping of this tensor.
     source: model 2's values (read once, at the lowest alpha's selection).
-    original: t1's values, read where a step gives elements back to t1."""
+    original: t1's values, read where a step gives elements back to t1.
+    thresholds: select_threshold(mn, mx, alphas), when the caller found them already (for
+        many tensors at once)."""
 
     def __init__(self, flat: torch.Tensor, bounds: tuple[torch.Tensor, torch.Tensor],
                  alphas: Sequence[float], *, precision: str, source: ValueSource,
-                 original: ValueSource, context: SelectContext):
+                 original: ValueSource, context: SelectContext,
+                 thresholds: torch.Tensor | None = None):
         self.flat, (self.mn, self.mx), self.precision = flat, bounds, precision
         self.source, self.original, self.context = source, original, context
         self.ops = ArrayOps.for_tensor(flat)
         self.bits = self.ops.bits(flat)
-        self._group(list(alphas))
+        self._group(list(alphas), thresholds)
 
     # --- building -----------------------------------------------------------------------
 
-    def _group(self, alphas: list[float]) -> None:
-        """Find the thresholds of `alphas` and group t1 by them; `flat` must hold t1."""
-        keys = threshold_keys(self._thresholds(alphas))
+    def _group(self, alphas: list[float], thresholds: torch.Tensor | None = None) -> None:
+        """Group t1 by the thresholds of `alphas` (found here unless given); `flat` must
+        hold t1."""
+        if thresholds is None:
+            thresholds = self._thresholds(alphas)
+        keys = threshold_keys(thresholds)
         self.keys = sorted(set(keys))
         self.alphas = list(alphas)
         self.level_of = {a: self.keys.index(k) for a, k in zip(alphas, keys)}
@@ -71,22 +77,24 @@ class TensorSweep:
         a = torch.tensor(alphas, dtype=torch.float64, device=self.mn.device)
         return select_threshold(self.mn, self.mx, a, self.precision).reshape(-1)
 
-    def _read_source(self, index: torch.Tensor) -> torch.Tensor:
-        return self._read(self.source, index)
+    def _read_source(self, selected, start: int):
+        return self._read(self.source, selected, start)
 
-    def _read(self, source: ValueSource, index: torch.Tensor) -> torch.Tensor:
-        """source's values at sorted flat indices, converted to t1's dtype as the select
-        pipeline converts them, as bits (a numpy take of a CPU tensor's bits when the
-        source holds one: several times faster than a torch gather)."""
-        t = source.tensor
-        dtype = self.flat.dtype
-        if t is not None and t.device.type == "cpu" and self.ops.numpy and \
-                t.is_contiguous():
-            taken = self.ops.to_torch(np.take(ArrayOps().bits(t.view(-1)), index.numpy()))
-            values = taken.view(t.dtype).to(dtype)
+    def _read(self, source: ValueSource, index, start: int = 0):
+        """source's values at sorted flat indices `start + index` (an array of self.ops),
+        converted to t1's dtype as the select pipeline converts them, as bits (a numpy take
+        of a CPU tensor's bits when the source holds one: several times faster than a
+        torch gather)."""
+        t, dtype = source.tensor, self.flat.dtype
+        if self.ops.numpy and t is not None and t.device.type == "cpu" and t.is_contiguous():
+            raw = np.take(ArrayOps().bits(t.view(-1))[start:], index)
+            if t.dtype == dtype:
+                return raw
+            values = torch.from_numpy(raw).view(t.dtype).to(dtype)
         else:
-            values = source.read(index).to(device=self.flat.device, dtype=dtype)
-        return values.view(INT_OF_SIZE[values.element_size()])
+            flat_index = self.ops.to_torch(index + start if start else index)
+            values = source.read(flat_index).to(device=self.flat.device, dtype=dtype)
+        return self.ops.from_torch(values.view(INT_OF_SIZE[values.element_size()]))
 
     # --- steps --------------------------------------------------------------------------
 
@@ -132,8 +140,7 @@ class TensorSweep:
         for j in range(self.level, level):
             for piece in self.groups.pieces[j]:
                 index = self.ops.wide(piece.index)
-                back = self._read(self.original, self.ops.to_torch(index))
-                self.bits[index] = self.ops.from_torch(back)
+                self.bits[index] = self._read(self.original, index)
         self.level = level
 
     @property
