@@ -24,6 +24,7 @@ from ..ops.select_engine import engine_for
 from ..ops.select_pipeline import FlatSelect, SelectResult
 from ..ops.select_reference import select_threshold
 from ..ops.select_source import TensorSource, ValueSource
+from ..ops.select_buckets import run_groupings
 from ..ops.select_sweep import TensorSweep
 from .counts import MergeStats
 from .patterns import AlphaRule, Patterns, check_alpha_rule, name_filter
@@ -178,8 +179,9 @@ class MergeSweep:
         return Pending(name, flat, mn, mx, wanted) if flat.numel() else None
 
     def _build(self, pending: list[Pending | None]) -> None:
-        """The TensorSweeps of the tensors whose bounds are known, their thresholds found
-        together per dtype and device (one vectorized search instead of one per tensor)."""
+        """The TensorSweeps of the tensors whose bounds are known: their thresholds found
+        together per dtype and device (one vectorized search instead of one per tensor),
+        their groupings run together (the chunks of all tensors share the threads)."""
         batches: dict[tuple, list[Pending]] = defaultdict(list)
         for p in pending:
             if p is not None:
@@ -193,6 +195,9 @@ class MergeSweep:
             thresholds = select_threshold(mn, mx, alphas.to(mn.device), self.precision)
             for p, v in zip(batch, thresholds):
                 self.tensors[p.name] = self._tensor_sweep(p, v[:len(p.wanted)])
+        built = [self.tensors[p.name] for p in pending if p is not None]
+        for ts, groups in zip(built, run_groupings([ts.grouping for ts in built])):
+            ts.finish(groups)
 
     def _tensor_sweep(self, p: Pending, thresholds: torch.Tensor) -> TensorSweep:
         t1, t2, name = self.inputs.sd1[p.name], self.inputs.sd2[p.name], p.name

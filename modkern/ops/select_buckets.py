@@ -143,42 +143,62 @@ class Groups:
 Fetch = Callable[[object, int], object]
 
 
-def group_by_thresholds(flat: torch.Tensor, keys: list[int], fetch: Fetch,
-                        ops: ArrayOps) -> Groups:
-    """Group the elements of the contiguous 1-D `flat` (t1's values) by the sorted distinct
-    threshold keys `keys`, reading model 2's values once, with `fetch`, at every element of
-    the lowest selection (in ascending order, chunk by chunk).
+class Grouping:
+    """The grouping of the contiguous 1-D `flat` (t1's values) by the sorted distinct
+    threshold keys `keys`, as chunk jobs that may run in any order on any thread
+    (`run_groupings` runs the jobs of many tensors together), then `assemble`d.
 
-    Per chunk: one pass finds the elements at or above keys[0]; each further threshold adds
-    one to the group number of the selected elements at or above it; one pass per group
-    then picks that group's elements (in ascending order). On the CPU the chunks are
-    shared among torch's number of threads (numpy releases the GIL in these passes)."""
-    m = len(keys)
-    groups = Groups([[] for _ in range(m)], [0] * m, [None] * m)
-    if m == 0 or flat.numel() == 0:
+    Per chunk: one pass finds the elements at or above keys[0] and reads model 2's values
+    there with `fetch` (once, ascending); each further threshold adds one to the group
+    number of the selected elements at or above it; one pass per group then picks that
+    group's elements (ascending)."""
+
+    def __init__(self, flat: torch.Tensor, keys: list[int], fetch: Fetch, ops: ArrayOps):
+        self.bits, self.keys, self.fetch, self.ops = ops.bits(flat), keys, fetch, ops
+        self.dtype = flat.dtype
+        self.starts = range(0, flat.numel(), CHUNK) if keys else range(0)
+
+    def chunk(self, start: int) -> list[tuple[Piece, int | None] | None]:
+        return _group_chunk(self.bits, start, self.keys, self.fetch, self.ops, self.dtype)
+
+    def assemble(self, chunks: list[list[tuple[Piece, int | None] | None]]) -> Groups:
+        """The groups from the chunks' parts (in chunk order)."""
+        m = len(self.keys)
+        groups = Groups([[] for _ in range(m)], [0] * m, [None] * m)
+        for parts in chunks:
+            for j, part in enumerate(parts):
+                if part is None:
+                    continue
+                piece, bad = part
+                groups.pieces[j].append(piece)
+                groups.sizes[j] += len(piece.index)
+                if bad is not None and (groups.first_bad[j] is None or
+                                        bad < groups.first_bad[j]):
+                    groups.first_bad[j] = bad
         return groups
-    bits = ops.bits(flat)
 
-    def one_chunk(start: int) -> list[tuple[Piece, int | None] | None]:
-        return _group_chunk(bits, start, keys, fetch, ops, flat.dtype)
 
-    starts = range(0, flat.numel(), CHUNK)
-    workers = min(torch.get_num_threads(), len(starts)) if ops.numpy else 1
+def run_groupings(groupings: list[Grouping]) -> list[Groups]:
+    """Run the chunk jobs of every grouping, on torch's number of threads when all of them
+    run in numpy (which releases the GIL in these passes: the chunks of all tensors share
+    the threads, large and small alike), and assemble each grouping's groups."""
+    jobs = [(g, start) for g in groupings for start in g.starts]
+    numpy_only = all(g.ops.numpy for g in groupings)
+    workers = min(torch.get_num_threads(), len(jobs)) if numpy_only else 1
+
+    def run(job: tuple[Grouping, int]):
+        return job[0].chunk(job[1])
+
     if workers > 1:
         with ThreadPoolExecutor(workers, thread_name_prefix="modkern-sweep") as pool:
-            chunks = list(pool.map(one_chunk, starts))
+            parts = list(pool.map(run, jobs))
     else:
-        chunks = [one_chunk(start) for start in starts]
-    for parts in chunks:
-        for j, part in enumerate(parts):
-            if part is None:
-                continue
-            piece, bad = part
-            groups.pieces[j].append(piece)
-            groups.sizes[j] += len(piece.index)
-            if bad is not None and (groups.first_bad[j] is None or bad < groups.first_bad[j]):
-                groups.first_bad[j] = bad
-    return groups
+        parts = [run(job) for job in jobs]
+    out, done = [], 0
+    for g in groupings:
+        out.append(g.assemble(parts[done:done + len(g.starts)]))
+        done += len(g.starts)
+    return out
 
 
 def _group_chunk(bits, start: int, keys: list[int], fetch: Fetch, ops: ArrayOps,

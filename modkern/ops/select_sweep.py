@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .select_buckets import ArrayOps, Groups, group_by_thresholds, threshold_keys
+from .select_buckets import ArrayOps, Grouping, Groups, run_groupings, threshold_keys
 from .select_context import SelectContext
 from .select_pipeline import value_at
 from .select_reference import INT_OF_SIZE, select_threshold
@@ -42,7 +42,11 @@ class TensorSweep:
     source: model 2's values (read once, at the lowest alpha's selection).
     original: t1's values, read where a step gives elements back to t1.
     thresholds: select_threshold(mn, mx, alphas), when the caller found them already (for
-        many tensors at once)."""
+        many tensors at once).
+
+    The grouping itself is left to the caller: `group()` runs it here, or the caller runs
+    the `grouping` jobs of many tensors together (select_buckets.run_groupings) and hands
+    each its groups with `finish`."""
 
     def __init__(self, flat: torch.Tensor, bounds: tuple[torch.Tensor, torch.Tensor],
                  alphas: Sequence[float], *, precision: str, source: ValueSource,
@@ -52,26 +56,34 @@ class TensorSweep:
         self.source, self.original, self.context = source, original, context
         self.ops = ArrayOps.for_tensor(flat)
         self.bits = self.ops.bits(flat)
-        self._group(list(alphas), thresholds)
+        self._index(list(alphas), thresholds)
 
     # --- building -----------------------------------------------------------------------
 
-    def _group(self, alphas: list[float], thresholds: torch.Tensor | None = None) -> None:
-        """Group t1 by the thresholds of `alphas` (found here unless given); `flat` must
-        hold t1."""
+    def _index(self, alphas: list[float], thresholds: torch.Tensor | None = None) -> None:
+        """The thresholds of `alphas` (found here unless given), their levels, and the
+        grouping of t1 by them (`flat` must hold t1)."""
         if thresholds is None:
             thresholds = self._thresholds(alphas)
         keys = threshold_keys(thresholds)
         self.keys = sorted(set(keys))
         self.alphas = list(alphas)
         self.level_of = {a: self.keys.index(k) for a, k in zip(alphas, keys)}
-        self.groups: Groups = group_by_thresholds(self.flat, self.keys, self._read_source,
-                                                  self.ops)
-        sizes, bad = self.groups.sizes, self.groups.first_bad
+        self.grouping = Grouping(self.flat, self.keys, self._read_source, self.ops)
+
+    def group(self) -> "TensorSweep":
+        """Run the grouping here (one tensor's chunks); self."""
+        self.finish(run_groupings([self.grouping])[0])
+        return self
+
+    def finish(self, groups: Groups) -> None:
+        """Take the groups of `grouping`; the working tensor holds t1 (nothing taken)."""
+        self.groups = groups
+        sizes, bad = groups.sizes, groups.first_bad
         self.taken_at = [sum(sizes[j:]) for j in range(len(sizes) + 1)]
         self.first_bad_at = [min((b for b in bad[j:] if b is not None), default=None)
                              for j in range(len(bad) + 1)]
-        self.level = len(self.keys)  # nothing taken yet: flat holds t1
+        self.level = len(self.keys)
 
     def _thresholds(self, alphas: list[float]) -> torch.Tensor:
         a = torch.tensor(alphas, dtype=torch.float64, device=self.mn.device)
@@ -115,7 +127,8 @@ class TensorSweep:
                 self.level_of[alpha] = self.keys.index(key)
             else:
                 self.go(self.levels)
-                self._group(self.alphas + [alpha])
+                self._index(self.alphas + [alpha])
+                self.group()
         return self.level_of[alpha]
 
     def taken(self, level: int) -> int:
