@@ -22,7 +22,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["modkern", "modkern.ops", "modkern.merging", "modkern.checkpoint", "modkern.decoding",
-              "modkern.cli", "modkern.demo", "modkern.distill", "modkern.integrations",
+              "modkern.cli", "modkern.demo", "modkern.distill", "modkern.evaluation",
+              "modkern.integrations",
               "modkern.kernels"],
     package_dir={"modkern": "modkern", "modkern.kernels": "kernels"},
     install_requires=[

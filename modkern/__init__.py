@@ -14,8 +14,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
-from .errors import (AlphaError, BackendError, CheckpointError, DTypeError, KeyMismatchError,
-                     ModkernError, NonFiniteError, OptionError, ShapeMismatchError)
+from .errors import (AlphaError, BackendError, CheckpointError, DataError, DTypeError,
+                     KeyMismatchError, ModkernError, NonFiniteError, OptionError,
+                     ShapeMismatchError)
 
 # public name -> module that defines it
 _LAZY = {
@@ -32,6 +33,14 @@ _LAZY = {
     "mixture_kd_reference": "ops.kd_reference",
     "merge_state_dicts": "merging.state_dict",
     "MergeStats": "merging.counts",
+    "sweep_merges": "merging.sweep",
+    "sweep": "evaluation.sweep",
+    "sweep_mixture": "evaluation.sweep",
+    "SweepResult": "evaluation.result",
+    "EvalSet": "evaluation.scoring",
+    "loglik_scorer": "evaluation.scoring",
+    "exact_match_scorer": "evaluation.scoring",
+    "read_prompt_answers": "evaluation.data",
     "merge_checkpoints": "checkpoint.merge",
     "MergeReport": "checkpoint.report",
     "merge_checkpoints_distributed": "checkpoint.distributed",
@@ -46,6 +55,11 @@ if TYPE_CHECKING:
     from .decoding.generation import MixtureOfDistributions, generate
     from .merging.counts import MergeStats
     from .merging.state_dict import merge_state_dicts
+    from .merging.sweep import sweep_merges
+    from .evaluation.data import read_prompt_answers
+    from .evaluation.result import SweepResult
+    from .evaluation.scoring import EvalSet, exact_match_scorer, loglik_scorer
+    from .evaluation.sweep import sweep, sweep_mixture
     from .ops.mix import mix_logits, mix_logits_many
     from .ops.kd_reference import mixture_kd_reference
     from .ops.mix_reference import mix_logits_many_reference, mix_logits_reference
@@ -67,5 +81,5 @@ def __dir__() -> list[str]:
 
 
 __all__ = ["__version__", *_LAZY, "ModkernError", "AlphaError", "BackendError",
-           "CheckpointError", "DTypeError", "KeyMismatchError", "NonFiniteError",
+           "CheckpointError", "DataError", "DTypeError", "KeyMismatchError", "NonFiniteError",
            "OptionError", "ShapeMismatchError"]

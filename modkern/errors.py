@@ -40,3 +40,8 @@ class BackendError(ModkernError, RuntimeError):
 
 class CheckpointError(ModkernError, ValueError):
     """A checkpoint folder or file that cannot be read or written as asked."""
+
+
+class DataError(ModkernError, ValueError):
+    """An evaluation or training data file that cannot be read as asked (names file:line
+    and the field)."""

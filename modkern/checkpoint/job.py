@@ -196,14 +196,9 @@ def open_merge(base: str | os.PathLike, other: str | os.PathLike, out: str | os.
 
 def _plan(ck1: Checkpoint, ck2: Checkpoint, options: MergeOptions) -> dict[str, float]:
     """The tensors to merge and their alpha, from the headers (every pair checked)."""
-    sd1 = {n: i.meta() for n, i in ck1.items()}
-    sd2 = {n: i.meta() for n, i in ck2.items()}
+    sd1, sd2 = header_tensors(ck1), header_tensors(ck2)
     if options.strict:
-        try:
-            check_keys(sd1, sd2)
-        except ModkernError as err:
-            raise type(err)(f"BASE {ck1.folder} vs OTHER {ck2.folder}: {err}".replace(
-                "pass strict=False", "pass --no-strict / strict=False")) from None
+        check_checkpoint_keys(ck1, ck2, sd1, sd2)
 
     def context_of(name: str) -> SelectContext:
         return tensor_context(ck1, ck2, name)
@@ -211,3 +206,17 @@ def _plan(ck1: Checkpoint, ck2: Checkpoint, options: MergeOptions) -> dict[str, 
     names = names_to_merge(sd1, sd2, name_filter(options.include, options.exclude),
                            context_of, need_data=False, vocab=options.vocab)
     return alphas(options.alpha, names, context_of)
+
+
+def header_tensors(ck: Checkpoint) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors as meta tensors (dtype and shape, no data), by name."""
+    return {n: i.meta() for n, i in ck.items()}
+
+
+def check_checkpoint_keys(ck1: Checkpoint, ck2: Checkpoint, sd1: Mapping, sd2: Mapping) -> None:
+    """KeyMismatchError naming both folders when the checkpoints' tensor names differ."""
+    try:
+        check_keys(sd1, sd2)
+    except ModkernError as err:
+        raise type(err)(f"BASE {ck1.folder} vs OTHER {ck2.folder}: {err}".replace(
+            "pass strict=False", "pass --no-strict / strict=False")) from None

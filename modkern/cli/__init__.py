@@ -35,6 +35,7 @@ COMMANDS = {
     "distill": "distill",
     "generate": "generate",
     "merge": "merge",
+    "sweep": "sweep",
 }
 
 

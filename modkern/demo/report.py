@@ -36,6 +36,7 @@ class DemoResult:
     seconds: float
     plot: Path | None = None
     notes: list[str] = field(default_factory=list)
+    chosen: dict[str, float] = field(default_factory=dict)  # method -> alpha the sweep chose
 
     def row(self, model: str) -> Row:
         return next(r for r in self.rows if r.model == model)
@@ -84,9 +85,13 @@ def save_plot(result: DemoResult, path: Path, notes: list[str]) -> Path | None:
     for ax, task in zip(axes, (TASK_A.name, TASK_B.name)):
         for method, (label, style) in styles.items():
             pts = sorted((r.alpha, r.accuracy[task]) for r in result.rows if r.method == method)
-            if pts:
-                ax.plot([a for a, _ in pts], [y for _, y in pts], style, label=label,
-                        markersize=12 if method == "distill" else 6)
+            if not pts:
+                continue
+            line, = ax.plot([a for a, _ in pts], [y for _, y in pts], style, label=label,
+                            markersize=12 if method == "distill" else 6)
+            if method in result.chosen:  # the alpha the sweep chose on the validation split
+                ax.axvline(result.chosen[method], color=line.get_color(), ls="--", lw=0.8,
+                           label=f"{label}: alpha chosen by the sweep")
         for r, color in ((result.row("base"), "grey"),
                          (result.row(f"specialist-{TASK_A.name}"), "tab:red"),
                          (result.row(f"specialist-{TASK_B.name}"), "tab:purple")):

@@ -25,6 +25,7 @@ import torch
 
 from ..distill.train import DistillConfig
 from .report import DemoResult, Row, format_table, save_plot
+from .sweep_step import choose_alphas, save_sweep, validation_split
 from .tasks import (ALPHABET, TASK_A, TASK_B, Task, copying, distill, greedy, held_out, score,
                     train)
 from .toy import char_tokenizer, tiny_causal_lm
@@ -136,7 +137,9 @@ def run_demo(out: Path, config: DemoConfig = DemoConfig(), *, threads: int | Non
         tok = char_tokenizer(ALPHABET)
         evals = {t.name: held_out(t, config.eval_examples, seed=10_000 + i)
                  for i, t in enumerate((TASK_A, TASK_B))}
-        excluded = {p for exs in evals.values() for p, _ in exs}
+        validation = validation_split((TASK_A, TASK_B), max(16, config.eval_examples // 2))
+        excluded = {p for exs in evals.values() for p, _ in exs} | \
+            {e.prompt for e in validation}
         rows: list[Row] = []
 
         def decode_with(model):
@@ -173,11 +176,13 @@ def run_demo(out: Path, config: DemoConfig = DemoConfig(), *, threads: int | Non
                 f"final loss {loss:.3f}, {time.perf_counter() - t0:.1f} s")
             rows.append(Row(name, "specialist", None, score(decode_with(model), evals)))
         a_dir, b_dir = specialists[TASK_A.name], specialists[TASK_B.name]
+        choice = choose_alphas(load(a_dir), load(b_dir), tok, validation, log)
 
         t0 = time.perf_counter()
         for method, merge in (("mod", mod_merge_checkpoint),
                               ("linear", linear_merge_checkpoint)):
-            for alpha in config.alphas:
+            chosen = (choice.mod_alpha,) if method == "mod" else ()
+            for alpha in sorted(set(config.alphas) | set(chosen)):
                 folder = out / f"{method}-{alpha:g}"
                 _clear(folder)
                 row = merge(a_dir, b_dir, folder, alpha)
@@ -189,7 +194,7 @@ def run_demo(out: Path, config: DemoConfig = DemoConfig(), *, threads: int | Non
 
         t0 = time.perf_counter()
         model_a, model_b = load(a_dir), load(b_dir)
-        for alpha in config.alphas:
+        for alpha in sorted(set(config.alphas) | {choice.mixture_alpha}):
             acc = score(lambda prompts, n, alpha=alpha: mixture_generate(
                 model_a, model_b, tok, prompts, alpha, max_new_tokens=n), evals)
             rows.append(Row(f"mixture-{alpha:g}", "mixture", alpha, acc))
@@ -210,10 +215,15 @@ def run_demo(out: Path, config: DemoConfig = DemoConfig(), *, threads: int | Non
             f"{config.distill_temperature:g}, final loss {loss:.4f}, "
             f"{time.perf_counter() - t0:.1f} s")
 
-        result = DemoResult(rows, out, config, time.perf_counter() - start)
+        result = DemoResult(rows, out, config, time.perf_counter() - start,
+                            chosen={"mod": choice.mod_alpha, "mixture": choice.mixture_alpha})
+        result.notes.append(choice.summary())
+        save_sweep(choice, out, plot)
         (out / "results.json").write_text(json.dumps(
             {"config": asdict(config), "seconds": result.seconds,
-             "rows": [asdict(r) for r in rows]}, indent=2))
+             "rows": [asdict(r) for r in rows],
+             "sweep": {"mod": choice.mod.records(), "mixture": choice.mixture.records(),
+                       "chosen": result.chosen}}, indent=2))
         (out / "table.txt").write_text(format_table(result) + "\n")
         (out / "accuracy.png").unlink(missing_ok=True)  # never leave an earlier run's plot
         if plot:

@@ -85,11 +85,12 @@ def first_of_each_storage(sd1: Mapping[str, torch.Tensor],
 
 
 def check_shared_storage(sd1: Mapping[str, torch.Tensor], sd2: Mapping[str, torch.Tensor],
-                         plan: Mapping[str, float]) -> None:
+                         plan: Mapping[str, float],
+                         remedy: str = "merge with inplace=False") -> None:
     """Before an in-place merge: sd1 tensors that share memory must be exactly tied (one
     view, merged once) with one alpha and equal model-2 tensors, or the in-place result
     could not equal the out-of-place one (a second view would be merged from values already
-    merged). Raise ModkernError naming both keys otherwise."""
+    merged). Raise ModkernError naming both keys and ending with `remedy` otherwise."""
     first: dict[tuple, str] = {}
     spans: dict[int, list[tuple[tuple, str]]] = {}
     for name, a in plan.items():
@@ -103,7 +104,7 @@ def check_shared_storage(sd1: Mapping[str, torch.Tensor], sd2: Mapping[str, torc
                 raise ModkernError(
                     f"tensors {other!r} and {name!r} share memory in model 1 (base) (tied "
                     "weights) but model 2 (other) or their alpha differ, so they cannot be "
-                    "merged in place into one tensor; merge with inplace=False")
+                    f"merged in place into one tensor; {remedy}")
             continue
         first[key] = name
         span = memory_span(t1)
@@ -112,7 +113,7 @@ def check_shared_storage(sd1: Mapping[str, torch.Tensor], sd2: Mapping[str, torc
                 raise ModkernError(
                     f"tensors {other!r} and {name!r} overlap in memory in model 1 (base) as "
                     "different views; an in-place merge would merge the second from values "
-                    "already merged; merge with inplace=False")
+                    f"already merged; {remedy}")
         spans.setdefault(span[0], []).append((span, name))
 
 

@@ -65,7 +65,7 @@ def mod_select_reference(t1: torch.Tensor, t2: torch.Tensor, alpha: float,
 INT_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # same-width int views
 
 
-def _to_ordered(x: torch.Tensor) -> torch.Tensor:
+def to_ordered(x: torch.Tensor) -> torch.Tensor:
     """Map floats to int64 so that the integer order is the float order (-0 and +0 meet)."""
     width = x.element_size() * 8
     bits = x.view(INT_OF_SIZE[x.element_size()]).to(torch.int64)
@@ -74,7 +74,7 @@ def _to_ordered(x: torch.Tensor) -> torch.Tensor:
 
 
 def _from_ordered(o: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of `_to_ordered`."""
+    """Inverse of `to_ordered`."""
     size = dtype.itemsize
     int_min = -(1 << (size * 8 - 1))
     bits = torch.where(o >= 0, o, int_min - o)
@@ -89,7 +89,7 @@ def _answer_near_estimate(lo, hi, mn, mx, a, takes_t2, reach: int = 16):
     bisection step is left, so the search costs one vectorized evaluation."""
     dtype = mn.dtype
     estimate = mn.double() + a.double() * (mx.double() - mn.double())
-    guess = _to_ordered(estimate.to(dtype))
+    guess = to_ordered(estimate.to(dtype))
     steps = torch.arange(-reach - 1, reach + 1, device=mn.device)
     window = torch.minimum(torch.maximum(guess[..., None] + steps, lo[..., None]),
                            hi[..., None])  # ascending, clamped to [lo, hi]
@@ -116,7 +116,7 @@ def select_threshold(mn: torch.Tensor, mx: torch.Tensor, alpha: float | torch.Te
     def takes_t2(x: torch.Tensor, mn=mn, mx=mx, a=a) -> torch.Tensor:
         return ~(normalized(x, mn, mx, precision) < a)
 
-    lo, hi = _to_ordered(mn), _to_ordered(mx)
+    lo, hi = to_ordered(mn), to_ordered(mx)
     lo, hi = torch.broadcast_tensors(lo, hi)
     # Invariant: the answer lies in [lo, hi]; takes_t2(mx) holds whenever mx > mn and
     # alpha <= 1 (norm(mx) is exactly 1), so hi starts as a valid answer.

@@ -1,0 +1,141 @@
+"""`modkern sweep`: find alpha by scoring the MoD merge of two checkpoints at many alphas on
+your prompt/answer data, at the cost of what changes between alphas.
+
+    modkern sweep BASE OTHER --alpha 0.1:0.9:0.1 --eval data.jsonl
+    modkern sweep BASE OTHER --alpha 0.5,0.7,0.9 --eval data.jsonl --metric exact \\
+        --include mlp --per-layer --out BEST --plot sweep.png
+    modkern sweep BASE OTHER --alpha 0:1:0.25 --eval data.jsonl --mixture
+
+data.jsonl holds one {"prompt": ..., "answer": ..., "task": optional} object per line.
+BASE is loaded as the working model and patched in place from one alpha to the next;
+OTHER is read only at the elements the lowest alpha takes. Prints one row per alpha (the
+scores per task and their mean, the elements taken from OTHER, seconds) and the best
+alpha; --out then writes the best merge with merge_checkpoints (the same weights as
+`modkern merge BASE OTHER BEST --alpha <best>`, the sweep's table in its recipe).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from ..errors import AlphaError, OptionError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sweep", help="score merges of two checkpoints over alpha, pick the "
+                       "best", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs=2, metavar=("BASE", "OTHER"),
+                   help="model 1 (the base) and model 2, Hugging Face checkpoint folders")
+    p.add_argument("--alpha", required=True, metavar="GRID",
+                   help="the alphas: START:STOP:STEP (STOP included, e.g. 0.1:0.9:0.1) or "
+                   "a comma list (0.5,0.7,0.9); each in [0, 1]")
+    p.add_argument("--eval", required=True, type=Path, metavar="FILE",
+                   help='JSON Lines of {"prompt", "answer", "task" (optional)} to score on')
+    p.add_argument("--metric", choices=("loglik", "exact"), default="loglik",
+                   help="loglik (default): mean log-likelihood of the answer tokens, "
+                   "teacher-forced; exact: exact match of the greedy continuation")
+    p.add_argument("--include", action="append", metavar="PATTERN",
+                   help="merge only tensors whose name matches (substring, or glob with "
+                   "*?[); repeatable")
+    p.add_argument("--exclude", action="append", metavar="PATTERN",
+                   help="never merge tensors whose name matches; repeatable")
+    p.add_argument("--no-strict", dest="strict", action="store_false",
+                   help="allow tensors present in one model only (BASE's kept, OTHER's "
+                   "ignored)")
+    p.add_argument("--precision", choices=("exact", "reference"), default="exact",
+                   help="exact: float32 formula (default); reference: the released code's "
+                   "arithmetic in the weights' dtype")
+    p.add_argument("--mixture", action="store_true",
+                   help="sweep mixture decoding's alpha instead (log-likelihood of "
+                   "alpha*p1 + (1-alpha)*p2; loads both models whole)")
+    p.add_argument("--per-layer", action="store_true",
+                   help="then refine alpha per layer group (model.layers.N.) by a short "
+                   "coordinate search (each candidate costs only its changes) and report "
+                   "its gain over the best global alpha")
+    p.add_argument("--out", type=Path, metavar="BEST",
+                   help="write the best merge (the per-layer rule with --per-layer, when it "
+                   "gains) to this new folder with merge_checkpoints")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--plot", type=Path, metavar="PNG",
+                   help="save the scores against alpha as a png (needs matplotlib)")
+    p.add_argument("--batch-size", type=int, default=16, metavar="N",
+                   help="examples per forward (default 16)")
+    p.add_argument("--add-eos", action="store_true",
+                   help="also score the end-of-sequence token after each answer (the model "
+                   "should stop there); with --metric exact the continuation must stop too")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
+    p.set_defaults(command="sweep")
+
+
+def parse_grid(text: str) -> list[float]:
+    """--alpha: START:STOP:STEP (STOP included when on the grid) or a comma list; the
+    distinct values in order, each checked in [0, 1]."""
+    from ..checks import check_alpha
+
+    try:
+        if ":" in text:
+            start, stop, step = (float(x) for x in text.split(":"))
+            if not step > 0 or stop < start:
+                raise ValueError
+            count = math.floor((stop - start) / step + 1e-9) + 1
+            values = [round(start + i * step, 10) for i in range(count)]
+        else:
+            values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise AlphaError(f"--alpha {text!r}: expected START:STOP:STEP with STEP > 0 and "
+                         "STOP >= START (e.g. 0.1:0.9:0.1) or numbers separated by commas"
+                         ) from None
+    if not values:
+        raise AlphaError(f"--alpha {text!r}: no alpha given")
+    return list(dict.fromkeys(check_alpha(v, f"--alpha value {v!r}") for v in values))
+
+
+def check_args(args: argparse.Namespace) -> list[float]:
+    """Everything checkable before any work; the grid."""
+    from ..checkpoint.out_folder import check_out_path
+
+    grid = parse_grid(args.alpha)
+    if args.batch_size < 1:
+        raise OptionError(f"--batch-size {args.batch_size}: expected a positive number")
+    if args.mixture:
+        for flag, given in (("--out", args.out), ("--per-layer", args.per_layer),
+                            ("--include", args.include), ("--exclude", args.exclude),
+                            ("--metric exact", args.metric == "exact")):
+            if given:
+                raise OptionError(f"{flag} does not apply to --mixture (mixture decoding "
+                                  "merges no weights and is scored by log-likelihood)")
+    base, other = (Path(p).absolute() for p in args.paths)
+    if args.out is not None:
+        check_out_path(base.resolve(), other.resolve(), args.out.absolute().resolve(),
+                       args.force)
+    if args.plot is not None:
+        from ..evaluation.result import pyplot
+        pyplot()  # matplotlib is needed: say so now, not after the sweep
+        if args.plot.is_dir() or not args.plot.absolute().parent.is_dir():
+            raise OptionError(f"--plot {args.plot}: expected a file name in an existing "
+                              "folder")
+    return grid
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..evaluation.data import read_prompt_answers
+
+    grid = check_args(args)
+    examples = read_prompt_answers(args.eval)
+    log = (lambda line: None) if args.quiet else (
+        lambda line: print(f"modkern sweep: {line}", file=sys.stderr, flush=True))
+    if args.mixture:
+        from .sweep_run import run_mixture
+        result = run_mixture(args, grid, examples, log)
+    else:
+        from .sweep_run import run_merge
+        result = run_merge(args, grid, examples, log)
+    if args.plot is not None:
+        result.plot(args.plot)
+        print(f"plot: {args.plot}")
+    return 0
+

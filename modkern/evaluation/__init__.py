@@ -1,0 +1,1 @@
+"""Scoring models on prompt/answer data, and finding alpha by a sweep."""

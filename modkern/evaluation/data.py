@@ -1,0 +1,92 @@
+"""Prompt/answer evaluation data: a JSON Lines file, one example per line,
+
+    {"prompt": "57+8=", "answer": "65", "task": "addition"}
+
+with `task` optional (scores are then given per task and as their mean). Blank lines are
+skipped. A malformed file raises one DataError naming file:line and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import DataError
+
+MEAN = "mean"  # the key of the mean over tasks in every score dict (no task may be named so)
+UNTAGGED = "untagged"  # the task of lines without one, when other lines have one
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prompt and the answer expected after it; `where` (file:line) names it in
+    errors."""
+
+    prompt: str
+    answer: str
+    task: str | None = None
+    where: str = ""
+
+
+def read_prompt_answers(path: str | os.PathLike) -> list[Example]:
+    """The examples of a prompt/answer JSON Lines file (see the module docstring).
+
+    Raises DataError naming file:line and the field for an unreadable file, a line that is
+    not a JSON object, a missing or non-string prompt or answer, an empty answer, a task
+    that is not a non-empty string (or is named "mean"), and a file with no example."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
+        raise DataError(f"{path}: cannot read: {reason}; expected a JSON Lines file of "
+                        '{"prompt": ..., "answer": ...} objects') from None
+    examples = [example_from_line(line, f"{path}:{number}")
+                for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    if not examples:
+        raise DataError(f"{path}: no examples; expected one JSON object per line with "
+                        '"prompt" and "answer" strings')
+    return examples
+
+
+def example_from_line(line: str, where: str) -> Example:
+    """One line of the file as an Example (DataError naming `where` and the field)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where}: not JSON ({err.msg} at column {err.colno}); expected "
+                        'an object such as {"prompt": "2+2=", "answer": "4"}') from None
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: a JSON {type(record).__name__}, expected an object with "
+                        '"prompt" and "answer"')
+    for field in ("prompt", "answer"):
+        if field not in record:
+            raise DataError(f'{where}: field "{field}" is missing; expected a string')
+        if not isinstance(record[field], str):
+            raise DataError(f'{where}: field "{field}" is a {type(record[field]).__name__}, '
+                            "expected a string")
+    if not record["answer"]:
+        raise DataError(f'{where}: field "answer" is empty; expected the text to score')
+    task = record.get("task")
+    if task is not None and (not isinstance(task, str) or not task or task == MEAN):
+        raise DataError(f'{where}: field "task" is {task!r}; expected a non-empty string '
+                        f'other than "{MEAN}"')
+    return Example(record["prompt"], record["answer"], task, where)
+
+
+def task_names(examples: list[Example]) -> list[str]:
+    """The tasks in order of first appearance ([] when no example names one); examples
+    without a task then belong to UNTAGGED."""
+    names = list(dict.fromkeys(e.task for e in examples if e.task is not None))
+    if names and any(e.task is None for e in examples):
+        names.append(UNTAGGED)
+    return names
+
+
+def task_of(example: Example, tasks: list[str]) -> str | None:
+    """The task an example is scored under (None: no tasks)."""
+    if not tasks:
+        return None
+    return example.task if example.task is not None else UNTAGGED
