@@ -58,7 +58,7 @@ def open_checkpoint_sweep(base: str | os.PathLike, other: str | os.PathLike,
             sd1, sd2, working=working_tensors(model, sd1, base_p),
             source_of=lambda n: ReaderSource(ck2.where[n], n),
             original_of=lambda n: ReaderSource(ck1.where[n], n),
-            context_of=lambda n: tensor_context(ck1, ck2, n))
+            context_of=lambda n: tensor_context(ck1, ck2, n), headers=True)
         with torch.no_grad():
             swept = MergeSweep(inputs, rules, include=include, exclude=exclude,
                                precision=precision, strict=False, backend=backend)

@@ -98,7 +98,9 @@ class SweepInputs:
     source_of: model 2's values of a tensor (default: sd2's tensor).
     original_of: model 1's values of a tensor, read where a step gives elements back to
         model 1 (default: sd1's tensor).
-    context_of: names a tensor (and its files) in errors."""
+    context_of: names a tensor (and its files) in errors.
+    headers: True when sd1 and sd2 are meta tensors standing for checkpoint headers (their
+        values come from source_of and original_of); otherwise meta tensors are refused."""
 
     sd1: Mapping[str, torch.Tensor]
     sd2: Mapping[str, torch.Tensor]
@@ -106,6 +108,7 @@ class SweepInputs:
     source_of: Callable[[str], ValueSource] | None = None
     original_of: Callable[[str], ValueSource] | None = None
     context_of: ContextOf = SelectContext
+    headers: bool = False
 
 
 class MergeSweep:
@@ -120,7 +123,7 @@ class MergeSweep:
         if strict:
             check_keys(inputs.sd1, inputs.sd2)
         self.names = names_to_merge(inputs.sd1, inputs.sd2, name_filter(include, exclude),
-                                    inputs.context_of)
+                                    inputs.context_of, need_data=not inputs.headers)
         self.plans = [self._plan(rule) for rule in rules]
         self.leader = self._leaders()
         self.merged: dict[str, torch.Tensor] = dict(inputs.sd1)
