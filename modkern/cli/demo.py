@@ -7,8 +7,11 @@ two by MoD weight select and by a linear average at several alphas, decodes with
 mixture of both specialists' distributions at the same alphas, distils the base from that
 mixture (0.5 / 0.5) on both tasks' training prompts, and prints one table: each
 model's exact-match accuracy on held-out prompts of both tasks, with the elements each MoD
-merge took from specialist B and the bytes it read. The checkpoints, results.json,
-table.txt and accuracy.png (accuracy against alpha) are written to --out.
+merge took from specialist B and the bytes it read. Alpha for the MoD merge and for mixture
+decoding is also chosen by a sweep (validation log-likelihood on prompts kept apart from
+the test prompts) and scored beside the others. The checkpoints, results.json, table.txt,
+accuracy.png (accuracy against alpha), sweep.txt and sweep.png (the sweep's tables and
+plot) are written to --out.
 
 Seeds are fixed: the same options and --threads give the same table.
 """
@@ -45,8 +48,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=None, metavar="DIR",
-                   help="folder for the checkpoints, results.json, table.txt and "
-                   "accuracy.png (default: a new temporary folder); an existing folder must "
+                   help="folder for the checkpoints, results.json, table.txt, "
+                   "accuracy.png, sweep.txt and sweep.png (default: a new temporary folder); an existing folder must "
                    "be empty or hold an earlier demo's output, which is replaced")
     p.add_argument("--quick", action="store_true",
                    help=f"reduced run for CI: fewer steps, examples and alphas, a few "
@@ -66,7 +69,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-examples", type=whole_number(1, MAX_COUNT), default=None, metavar="N",
                    help="held-out prompts per task (default 200, 64 with --quick)")
     p.add_argument("--no-plot", action="store_true",
-                   help="skip accuracy.png (it needs matplotlib: pip install 'modkern[demo]')")
+                   help="skip accuracy.png and sweep.png (they need matplotlib: pip install 'modkern[demo]')")
     p.set_defaults(command="demo")
 
 
@@ -106,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
     print()
     for note in result.notes:
         print(f"note: {note}")
-    saved = "checkpoints, results.json, table.txt" + (", accuracy.png" if result.plot else "")
+    saved = "checkpoints, results.json, table.txt, sweep.txt" + (
+        ", accuracy.png, sweep.png" if result.plot else "")
     print(f"{saved} in {out} ({time.perf_counter() - start:.1f} s)")
     return 0
