@@ -61,3 +61,21 @@ def resolve_backend_on(backend: str, on_cuda: bool) -> Literal["torch", "triton"
 def kernel_module(name: str) -> ModuleType:
     """Import and return `modkern.kernels.<name>`, one op's kernels (needs triton)."""
     return importlib.import_module(f"modkern.kernels.{name}")
+
+
+def engine_module(backend: str, tensors: list[torch.Tensor], count: int, max_count: int,
+                  torch_engine: ModuleType, kernels: str, what: str) -> ModuleType:
+    """The module that runs an op on `tensors`: `torch_engine`, or the Triton kernels
+    `modkern.kernels.<kernels>`, which take up to `max_count` inputs (`what`, e.g. "logits
+    tensors") of bf16, fp16 or fp32. "auto" falls back to torch where they cannot;
+    "triton" raises BackendError there."""
+    fits = count <= max_count and all(t.dtype != torch.float64 for t in tensors)
+    if backend == "auto" and not fits:
+        return torch_engine
+    if resolve_backend(backend, *tensors) == "torch":
+        return torch_engine
+    if not fits:
+        raise BackendError(f"backend='triton' takes up to {max_count} {what} in bf16, fp16 "
+                           f"or fp32, got {count} of dtypes "
+                           f"{sorted({str(t.dtype) for t in tensors})}; use backend='torch'")
+    return kernel_module(kernels)

@@ -154,12 +154,17 @@ def test_mixture_command(ckpts, tmp_path, capsys):
     (["--alpha", "0.5,1.5"], "--alpha value 1.5 must lie in [0, 1]"),
     (["--alpha", "0.5", "--mixture"], "--out does not apply to --mixture"),
     (["--alpha", "0.5", "--plot", "/no/such/folder/s.png"], "--plot /no/such/folder/s.png"),
-    (["--alpha", "0.5", "--batch-size", "0"], "--batch-size 0"),
+    (["--alpha", "0.5", "--batch-size", "0"], "argument --batch-size: expected a whole number"),
+    (["--alpha", "0.5", "--batch-size", "-3"], "argument --batch-size: expected a whole number"),
+    (["--alpha", "0.5", "--batch-size", "2.5"], "argument --batch-size: expected a whole number"),
 ])
 def test_bad_options_one_line_exit_2(ckpts, tmp_path, capsys, args, message):
     out = tmp_path / "out"
-    code = main(["sweep", str(ckpts["qwen_a"]), str(ckpts["qwen_b"]), "--eval",
-                 str(data_file(tmp_path)), "--out", str(out), *args])
+    try:
+        code = main(["sweep", str(ckpts["qwen_a"]), str(ckpts["qwen_b"]), "--eval",
+                     str(data_file(tmp_path)), "--out", str(out), *args])
+    except SystemExit as exit_info:  # argparse refuses a bad value itself
+        code = exit_info.code
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and err.startswith("modkern sweep: error: ")
     assert message in err and not out.exists()

@@ -25,36 +25,27 @@ import time
 from pathlib import Path
 
 from ..errors import CheckpointError
-from .arguments import seed, whole_number
+from .arguments import add_count, number_list, seed, subcommand, whole_number
 
 QUICK_ENV = "MODKERN_DEMO_QUICK"
 # Bounds on the counts: far above any useful run, below what exhausts threads or memory.
 MAX_THREADS = 1024
-MAX_COUNT = 10**6
-
-
-def _alphas(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(a) for a in text.split(",") if a.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}")
-    if not values:
-        raise argparse.ArgumentTypeError("give at least one alpha")
-    return values
+MAX_COUNT = 10**6  # the demo builds its data in memory
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="train two tiny specialists, merge them by MoD, compare",
-                       description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subcommand(sub, "demo", "train two tiny specialists, merge them by MoD, compare",
+                   __doc__)
     p.add_argument("--out", type=Path, default=None, metavar="DIR",
                    help="folder for the checkpoints, results.json, table.txt, "
-                   "accuracy.png, sweep.txt and sweep.png (default: a new temporary folder); an existing folder must "
-                   "be empty or hold an earlier demo's output, which is replaced")
+                   "accuracy.png, sweep.txt and sweep.png (default: a new temporary folder); "
+                   "an existing folder must be empty or hold an earlier demo's output, which "
+                   "is replaced")
     p.add_argument("--quick", action="store_true",
                    help=f"reduced run for CI: fewer steps, examples and alphas, a few "
                    f"seconds (also when the environment sets {QUICK_ENV}=1)")
-    p.add_argument("--alphas", type=_alphas, default=None, metavar="A,B,...",
+    p.add_argument("--alphas", type=number_list("0.1,0.5,0.9"), default=None,
+                   metavar="A,B,...",
                    help="alphas for the merges and the mixture, comma-separated, each in "
                    "[0, 1]; alpha weighs the addition specialist A (default 0.1,0.3,0.5,0.7,0.9;"
                    " 0.1,0.5,0.9 with --quick)")
@@ -62,14 +53,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=whole_number(1, MAX_THREADS), default=1,
                    help="torch CPU threads (default 1: these models are too small to gain "
                    "from more, and one thread gives the same numbers on every machine)")
-    p.add_argument("--pretrain-steps", type=whole_number(1, MAX_COUNT), default=None, metavar="N",
-                   help="training steps of the base on copying (default 300, 100 with --quick)")
-    p.add_argument("--finetune-steps", type=whole_number(1, MAX_COUNT), default=None, metavar="N",
-                   help="training steps of each specialist (default 500, 300 with --quick)")
-    p.add_argument("--eval-examples", type=whole_number(1, MAX_COUNT), default=None, metavar="N",
-                   help="held-out prompts per task (default 200, 64 with --quick)")
+    add_count(p, "--pretrain-steps",
+              "training steps of the base on copying (default 300, 100 with --quick)",
+              maximum=MAX_COUNT)
+    add_count(p, "--finetune-steps",
+              "training steps of each specialist (default 500, 300 with --quick)",
+              maximum=MAX_COUNT)
+    add_count(p, "--eval-examples",
+              "held-out prompts per task (default 200, 64 with --quick)",
+              maximum=MAX_COUNT)
     p.add_argument("--no-plot", action="store_true",
-                   help="skip accuracy.png and sweep.png (they need matplotlib: pip install 'modkern[demo]')")
+                   help="skip accuracy.png and sweep.png (they need matplotlib: "
+                   "pip install 'modkern[demo]')")
     p.set_defaults(command="demo")
 
 
@@ -91,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
 
     quick = args.quick or os.environ.get(QUICK_ENV, "") not in ("", "0")
     config = DemoConfig.quick(args.seed) if quick else DemoConfig(seed=args.seed)
-    overrides = {"alphas": args.alphas, "pretrain_steps": args.pretrain_steps,
+    alphas = tuple(args.alphas) if args.alphas else None
+    overrides = {"alphas": alphas, "pretrain_steps": args.pretrain_steps,
                  "finetune_steps": args.finetune_steps, "eval_examples": args.eval_examples}
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
     from ..checks import check_alpha  # imports torch: not at --help time

@@ -21,32 +21,21 @@ import signal
 import sys
 from pathlib import Path
 
-from .arguments import real_number, seed, whole_number
+from .arguments import add_count, add_force, add_quiet, number_list, real_number, seed, subcommand
 
 KINDS = ("forward_kl", "reverse_kl", "jsd")
-MAX_COUNT = 10**9  # far above any useful run
-
-
-def _weights(text: str) -> list[float]:
-    try:
-        values = [float(w) for w in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, e.g. "
-                                         f"0.5,0.5; got {text!r}") from None
-    return values
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("distill", help="train a student on the mixture of teacher models",
-                       description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subcommand(sub, "distill", "train a student on the mixture of teacher models",
+                   __doc__)
     p.add_argument("--student", required=True, type=Path, metavar="DIR",
                    help="the model to train: a local Hugging Face causal LM folder (its "
                    "tokenizer is the one every teacher must share)")
     p.add_argument("--teacher", action="append", required=True, type=Path, metavar="DIR",
                    help="a teacher model folder (repeat for each teacher; any causal LM "
                    "architecture)")
-    p.add_argument("--weights", type=_weights, default=None, metavar="W1,W2,...",
+    p.add_argument("--weights", type=number_list("0.5,0.5"), default=None, metavar="W1,W2,...",
                    help="the teachers' weights in the mixture, in --teacher order, each in "
                    "[0, 1], summing to 1 (default: equal)")
     p.add_argument("--data", required=True, type=Path, metavar="FILE",
@@ -55,16 +44,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, metavar="DIR",
                    help="where the trained student is published (must not exist unless "
                    "--force)")
-    p.add_argument("--steps", type=whole_number(1, MAX_COUNT), default=None, metavar="N",
-                   help="optimizer steps (default: one pass over the data)")
+    add_count(p, "--steps", "optimizer steps (default: one pass over the data)")
     p.add_argument("--lr", type=real_number(0.0, 1.0, low_open=True), default=2e-5,
                    help="peak learning rate of AdamW, in (0, 1], after a warmup over the "
                    "first 5%% of the steps, then decaying linearly (default 2e-5)")
-    p.add_argument("--batch", type=whole_number(1, MAX_COUNT), default=8, metavar="N",
-                   help="examples per step (default 8)")
-    p.add_argument("--max-length", type=whole_number(1, MAX_COUNT), default=512, metavar="N",
-                   help="tokens per example, prompt + response; longer ones are cut "
-                   "(default 512)")
+    add_count(p, "--batch", "examples per step (default 8)", default=8)
+    add_count(p, "--max-length", "tokens per example, prompt + response; longer ones are cut "
+                   "(default 512)", default=512)
     p.add_argument("--temperature", type=real_number(0.0, 100.0, low_open=True), default=1.0,
                    metavar="T",
                    help="softmax temperature of student and teachers, in (0, 100] "
@@ -79,13 +65,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "kernels)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="dtype the models are loaded and trained in (default float32)")
-    p.add_argument("--log-every", type=whole_number(1, MAX_COUNT), default=None, metavar="N",
-                   help="print the mean loss every N steps (default: about ten lines)")
-    p.add_argument("--force", action="store_true",
-                   help="replace OUT if it exists (the previous OUT stays intact until the "
-                   "new one is complete)")
-    p.add_argument("--quiet", "-q", action="store_true",
-                   help="no progress bar, loss lines or summary")
+    add_count(p, "--log-every", "print the mean loss every N steps (default: about ten lines)")
+    add_force(p)
+    add_quiet(p, "no progress bar, loss lines or summary")
     p.set_defaults(command="distill")
 
 

@@ -10,15 +10,14 @@ import sys
 from pathlib import Path
 
 from ..errors import CheckpointError
-from .arguments import real_number, seed, whole_number
+from .arguments import real_number, seed, subcommand, whole_number
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="decode with a mixture of two models' distributions",
-                       description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subcommand(sub, "generate", "decode with a mixture of two models' distributions",
+                   __doc__)
     p.add_argument("--model", required=True, type=Path, metavar="DIR",
                    help="model 1: a local Hugging Face checkpoint folder (its tokenizer is used)")
     p.add_argument("--other", required=True, type=Path, metavar="DIR",

@@ -17,11 +17,12 @@ import sys
 
 from ..errors import AlphaError, CheckpointError, ModkernError
 from . import one_line
+from .arguments import add_force, add_quiet, add_tensor_choice, subcommand
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("merge", help="merge two checkpoint folders into a new one",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subcommand(sub, "merge", "merge two checkpoint folders into a new one",
+                   __doc__)
     p.add_argument("paths", nargs="*", metavar="PATH",
                    help="BASE OTHER OUT (model 1, model 2, output folder), or only OUT with "
                    "--config")
@@ -36,17 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="YAML/JSON with alpha (number or pattern mapping), include, exclude, "
                    "precision, strict, dtype, vocab; e.g. the modkern_recipe.yaml of an earlier "
                    "merge. Command-line options win")
-    p.add_argument("--include", action="append", metavar="PATTERN",
-                   help="merge only tensors whose name matches (substring, or glob with "
-                   "*?[); repeatable")
-    p.add_argument("--exclude", action="append", metavar="PATTERN",
-                   help="never merge tensors whose name matches; repeatable")
-    p.add_argument("--no-strict", dest="strict", action="store_false", default=None,
-                   help="allow tensors present in one model only (BASE's are carried over, "
-                   "OTHER's ignored)")
-    p.add_argument("--precision", choices=("exact", "reference"), default=None,
-                   help="exact: float32 formula (default); reference: the released code's "
-                   "arithmetic in the weights' dtype, bit for bit")
+    add_tensor_choice(p)
     p.add_argument("--vocab", choices=("strict", "common"), default=None,
                    help="strict (default): tensors of different shapes are an error; common: "
                    "where only the first dimension differs (embed_tokens and lm_head of "
@@ -64,9 +55,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "float16, float32); default: keep BASE's")
     p.add_argument("--max-shard-size", default="5GB",
                    help="largest output shard (default 5GB; e.g. 2GB, 500MB, 4GiB)")
-    p.add_argument("--force", action="store_true",
-                   help="replace OUT if it exists (the previous OUT stays intact until the "
-                   "new one is complete)")
+    add_force(p)
     p.add_argument("--full-hash", action="store_true",
                    help="record the sha256 of every input weight file in the recipe (reads "
                    "all of OTHER); default: sha256 of each file's header and its size")
@@ -80,8 +69,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
                    help="distributed: how long a rank waits for the others before the merge "
                    "fails (default 1800)")
-    p.add_argument("--quiet", "-q", action="store_true",
-                   help="no progress bar and no summary line")
+    add_quiet(p, "no progress bar and no summary line")
     p.set_defaults(command="merge")
 
 

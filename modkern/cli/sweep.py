@@ -22,14 +22,18 @@ import sys
 from pathlib import Path
 
 from ..errors import AlphaError, OptionError
+from .arguments import add_count, add_force, add_quiet, add_tensor_choice, subcommand
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sweep", help="score merges of two checkpoints over alpha, pick the "
-                       "best", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("paths", nargs=2, metavar=("BASE", "OTHER"),
-                   help="model 1 (the base) and model 2, Hugging Face checkpoint folders")
+    p = subcommand(sub, "sweep", "score merges of two checkpoints over alpha, pick the "
+                       "best",
+                   __doc__)
+    # two positionals rather than nargs=2 with a tuple metavar, which argparse's help
+    # formatter cannot print on some Pythons (3.11: ValueError)
+    p.add_argument("base", metavar="BASE", help="model 1 (the base): a Hugging Face "
+                   "checkpoint folder")
+    p.add_argument("other", metavar="OTHER", help="model 2: a Hugging Face checkpoint folder")
     p.add_argument("--alpha", required=True, metavar="GRID",
                    help="the alphas: START:STOP:STEP (STOP included, e.g. 0.1:0.9:0.1) or "
                    "a comma list (0.5,0.7,0.9); each in [0, 1]")
@@ -38,36 +42,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metric", choices=("loglik", "exact"), default="loglik",
                    help="loglik (default): mean log-likelihood of the answer tokens, "
                    "teacher-forced; exact: exact match of the greedy continuation")
-    p.add_argument("--include", action="append", metavar="PATTERN",
-                   help="merge only tensors whose name matches (substring, or glob with "
-                   "*?[); repeatable")
-    p.add_argument("--exclude", action="append", metavar="PATTERN",
-                   help="never merge tensors whose name matches; repeatable")
-    p.add_argument("--no-strict", dest="strict", action="store_false",
-                   help="allow tensors present in one model only (BASE's kept, OTHER's "
-                   "ignored)")
-    p.add_argument("--precision", choices=("exact", "reference"), default="exact",
-                   help="exact: float32 formula (default); reference: the released code's "
-                   "arithmetic in the weights' dtype")
-    p.add_argument("--mixture", action="store_true",
-                   help="sweep mixture decoding's alpha instead (log-likelihood of "
-                   "alpha*p1 + (1-alpha)*p2; loads both models whole)")
+    add_tensor_choice(p)
+    p.set_defaults(strict=True, precision="exact")
+    p.add_argument("--out", type=Path, metavar="BEST",
+                   help="write the best merge (the per-layer rule with --per-layer, when it "
+                   "gains) to this new folder with merge_checkpoints")
+    add_force(p, "BEST")
+    p.add_argument("--plot", type=Path, metavar="PNG",
+                   help="save the scores against alpha as a png (needs matplotlib)")
     p.add_argument("--per-layer", action="store_true",
                    help="then refine alpha per layer group (model.layers.N.) by a short "
                    "coordinate search (each candidate costs only its changes) and report "
                    "its gain over the best global alpha")
-    p.add_argument("--out", type=Path, metavar="BEST",
-                   help="write the best merge (the per-layer rule with --per-layer, when it "
-                   "gains) to this new folder with merge_checkpoints")
-    p.add_argument("--force", action="store_true", help="replace --out if it exists")
-    p.add_argument("--plot", type=Path, metavar="PNG",
-                   help="save the scores against alpha as a png (needs matplotlib)")
-    p.add_argument("--batch-size", type=int, default=16, metavar="N",
-                   help="examples per forward (default 16)")
+    p.add_argument("--mixture", action="store_true",
+                   help="sweep mixture decoding's alpha instead (log-likelihood of "
+                   "alpha*p1 + (1-alpha)*p2; loads both models whole)")
+    add_count(p, "--batch-size", "examples per forward (default 16)", default=16)
     p.add_argument("--add-eos", action="store_true",
                    help="also score the end-of-sequence token after each answer (the model "
                    "should stop there); with --metric exact the continuation must stop too")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
+    add_quiet(p, "no progress lines")
     p.set_defaults(command="sweep")
 
 
@@ -99,8 +93,6 @@ def check_args(args: argparse.Namespace) -> list[float]:
     from ..checkpoint.out_folder import check_out_path
 
     grid = parse_grid(args.alpha)
-    if args.batch_size < 1:
-        raise OptionError(f"--batch-size {args.batch_size}: expected a positive number")
     if args.mixture:
         for flag, given in (("--out", args.out), ("--per-layer", args.per_layer),
                             ("--include", args.include), ("--exclude", args.exclude),
@@ -108,7 +100,7 @@ def check_args(args: argparse.Namespace) -> list[float]:
             if given:
                 raise OptionError(f"{flag} does not apply to --mixture (mixture decoding "
                                   "merges no weights and is scored by log-likelihood)")
-    base, other = (Path(p).absolute() for p in args.paths)
+    base, other = (Path(p).absolute() for p in (args.base, args.other))
     if args.out is not None:
         check_out_path(base.resolve(), other.resolve(), args.out.absolute().resolve(),
                        args.force)

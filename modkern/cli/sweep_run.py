@@ -30,7 +30,7 @@ def run_merge(args: argparse.Namespace, grid: list[float], examples: list[Exampl
     from ..evaluation.scoring import EvalSet, exact_match_scorer, loglik_scorer
     from ..evaluation.sweep import score_step
 
-    base, other = args.paths
+    base, other = args.base, args.other
     order = sorted(grid, reverse=True)
     per_layer = None
     with open_checkpoint_sweep(base, other, order, include=args.include,
@@ -75,7 +75,7 @@ def write_best(args: argparse.Namespace, result: SweepResult, per_layer) -> None
         record["per_layer"] = {"rule": per_layer.rule, "objective": per_layer.value,
                                "gain": per_layer.gain,
                                "candidates": [r.record() for r in per_layer.rows]}
-    report = merge_checkpoints(*args.paths, args.out, best, include=args.include,
+    report = merge_checkpoints(args.base, args.other, args.out, best, include=args.include,
                                exclude=args.exclude, strict=args.strict,
                                precision=args.precision, force=args.force, progress=False,
                                extra_recipe={"sweep": record})
@@ -89,7 +89,7 @@ def run_mixture(args: argparse.Namespace, grid: list[float], examples: list[Exam
     from ..evaluation.scoring import EvalSet
     from ..evaluation.sweep import sweep_mixture
 
-    base, other = args.paths
+    base, other = args.base, args.other
     model1, model2, tokenizer = load_pair(base, other)
     data = EvalSet(examples, tokenizer, batch_size=args.batch_size, add_eos=args.add_eos)
     log(f"scoring mixture decoding at {len(grid)} alphas on {len(examples)} examples")

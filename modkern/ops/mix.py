@@ -21,9 +21,9 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import mix_checks, mix_torch
-from ..backends import kernel_module, resolve_backend
+from ..backends import engine_module
 from ..checks import check_alpha
-from ..errors import BackendError, DTypeError, ShapeMismatchError
+from ..errors import DTypeError, ShapeMismatchError
 from .mix_checks import Weight
 
 MAX_TRITON_K = 4  # models per Triton launch: each adds registers and unrolled code
@@ -115,16 +115,8 @@ def mix_logits_many(logits: Sequence[torch.Tensor], weights: Sequence[Weight] | 
 def _engine(backend: str, ls: list[torch.Tensor]):
     """The engine module for `backend` ("auto" takes Triton for CUDA tensors when the
     kernels can run them: K <= 4 and no float64)."""
-    fits = len(ls) <= MAX_TRITON_K and all(t.dtype != torch.float64 for t in ls)
-    if backend == "auto" and not fits:
-        return mix_torch
-    if resolve_backend(backend, *ls) == "torch":
-        return mix_torch
-    if not fits:
-        raise BackendError(f"backend='triton' takes up to {MAX_TRITON_K} logits tensors in "
-                           f"bf16, fp16 or fp32, got {len(ls)} of dtypes "
-                           f"{[str(t.dtype) for t in ls]}; use backend='torch'")
-    return kernel_module("mix_logits")
+    return engine_module(backend, ls, len(ls), MAX_TRITON_K, mix_torch, "mix_logits",
+                         "logits tensors")
 
 
 def _prepare(ls: list, names: tuple[str, ...], vocab: str, n_valid, group, vocab_start):

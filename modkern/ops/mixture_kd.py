@@ -19,8 +19,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import kd_torch
-from ..backends import kernel_module, resolve_backend
-from ..errors import BackendError
+from ..backends import engine_module
 from .kd_inputs import (LogitsSource, check_devices, check_options, check_weights,
                         common_width, kept_rows, linear_source, logits_source,
                         teacher_sources)
@@ -98,16 +97,7 @@ def fused_linear_mixture_kd(hidden: torch.Tensor, weight: torch.Tensor, teacher_
 
 def _engine(backend: str, tensors: list[torch.Tensor], K: int):
     """kd_torch, or the Triton kernels ("auto": for CUDA tensors they can take)."""
-    fits = K <= MAX_TRITON_K and all(t.dtype != torch.float64 for t in tensors)
-    if backend == "auto" and not fits:
-        return kd_torch
-    if resolve_backend(backend, *tensors) == "torch":
-        return kd_torch
-    if not fits:
-        raise BackendError(f"backend='triton' takes up to {MAX_TRITON_K} teachers in bf16, "
-                           f"fp16 or fp32, got {K} of dtypes "
-                           f"{sorted({str(t.dtype) for t in tensors})}; use backend='torch'")
-    return kernel_module("mixture_kd")
+    return engine_module(backend, tensors, K, MAX_TRITON_K, kd_torch, "mixture_kd", "teachers")
 
 
 @dataclass
