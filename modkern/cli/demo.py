@@ -86,9 +86,12 @@ def run(args: argparse.Namespace) -> int:
 
     quick = args.quick or os.environ.get(QUICK_ENV, "") not in ("", "0")
     config = DemoConfig.quick(args.seed) if quick else DemoConfig(seed=args.seed)
-    alphas = tuple(args.alphas) if args.alphas else None
-    overrides = {"alphas": alphas, "pretrain_steps": args.pretrain_steps,
-                 "finetune_steps": args.finetune_steps, "eval_examples": args.eval_examples}
+    overrides = {"alphas": tuple(args.alphas) if args.alphas else None,
+                 "pretrain": args.pretrain_steps and replace(config.pretrain,
+                                                             steps=args.pretrain_steps),
+                 "finetune": args.finetune_steps and replace(config.finetune,
+                                                             steps=args.finetune_steps),
+                 "eval_examples": args.eval_examples}
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
     from ..checks import check_alpha  # imports torch: not at --help time
     for a in config.alphas:
