@@ -1,5 +1,5 @@
 """End-to-end checkpoint merge: `modkern merge` on a generated pair of multi-GB checkpoints,
-against the I/O floor measured in the same run (DESIGN.md 4 and 5).
+against the I/O floor measured in the same run (docs/design.md 4 and 5).
 
 A merge is I/O: it must read BASE once and OTHER only where it selects. Reported:
 - wall time of the merge, started with both inputs evicted from the page cache;
@@ -191,7 +191,7 @@ bench_dir = scratch_fixture("ckpt")
 def bench_merge_checkpoints(benchmark, bench_dir):
     result = run_once(benchmark, "checkpoint merge (end to end, cold page cache)",
                       run_benchmark, bench_dir, format_table, impl="modkern merge")
-    if not SMALL:  # the targets of issue 7
+    if not SMALL:  # the targets of docs/design.md 5
         assert result["bytes_read_other"] < 0.05 * result["bytes_other"]
         assert result["other_resident_bytes"] < 0.05 * result["bytes_other"]
 

@@ -1,5 +1,5 @@
 """GPU: `merge_checkpoints(..., device="cuda")` end to end on a 2 x 2 GB pair, against the CPU
-merge and the I/O floors, in one run (issue 14).
+merge and the I/O floors, in one run (docs/design.md 4).
 
 The pair: Qwen2.5-1.5B's tensor names and shapes with 16 of its 28 layers, bf16
 N(0, 0.02), drawn on the GPU and written with modkern's shard writer (1 GB shards) to the

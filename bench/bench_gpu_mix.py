@@ -1,5 +1,5 @@
 """GPU: mix_logits against its peers, measured in one run against a device-to-device copy of
-the same bytes (issue 14, DESIGN.md 4). alpha 0.3, V = 151,936 (Qwen2.5's head).
+the same bytes (docs/design.md 4). alpha 0.3, V = 151,936 (Qwen2.5's head).
 
 Cases (`case` is what gpu_report.py's targets look up):
     mix-fwd-bf16 / -fp32      forward on [4096, V]; floor R*V*(2b + 4)

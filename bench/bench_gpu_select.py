@@ -1,5 +1,5 @@
 """GPU: the MoD weight select and merge_state_dicts against their peers, measured in one run
-against a device-to-device copy of the same bytes (issue 14, DESIGN.md 4).
+against a device-to-device copy of the same bytes (docs/design.md 4).
 
 Cases (bf16, alpha 0.9; `case` is what gpu_report.py's targets look up):
     select-mlp / select-embed     mod_select out of place on 18944x3584 (Qwen2.5-7B MLP) and

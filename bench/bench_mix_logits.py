@@ -1,4 +1,4 @@
-"""mix_logits against its peers, side by side in one run (DESIGN.md 4).
+"""mix_logits against its peers, side by side in one run (docs/design.md 4).
 
     pytest bench/bench_mix_logits.py --benchmark-only            # full shapes
     MODKERN_BENCH_THREADS=1 pytest bench/bench_mix_logits.py --benchmark-only  # one thread

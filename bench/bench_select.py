@@ -1,4 +1,4 @@
-"""MoD weight select: modkern against its peers, in one run (DESIGN.md 4).
+"""MoD weight select: modkern against its peers, in one run (docs/design.md 4).
 
 Peers: the paper's formula in eager torch, `torch.compile` of that formula, and a plain
 copy of t1 (what the memory system moves at full speed). Each row reports its time and

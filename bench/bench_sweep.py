@@ -1,4 +1,4 @@
-"""Sweeping a merge over alpha (DESIGN.md 1.3) against merging at every alpha, side by side
+"""Sweeping a merge over alpha (docs/design.md 1.3) against merging at every alpha, side by side
 in one run, on a random bf16 state dict shaped like Qwen2.5-0.5B (CPU):
 
     merge-0.95   one merge_state_dicts at alpha 0.95 (the sweep's first alpha)

@@ -1,4 +1,4 @@
-"""One prepared GPU check (issue 14): the CUDA test pass, the GPU benchmarks and a report,
+"""One prepared GPU check (docs/design.md 4): the CUDA test pass, the GPU benchmarks and a report,
 in one command, within a fixed time budget.
 
     python -m pip install --no-deps --no-build-isolation -e .    # once, on the GPU machine

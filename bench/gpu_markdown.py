@@ -94,7 +94,7 @@ def markdown(results: dict) -> str:
     lines += _machine(m) + ["", f"Budget {results['budget_s']:.0f} s, elapsed "
                                 f"{results['elapsed_s']:.0f} s.", "", "## Stages", ""]
     lines += _stages(results["stages"]) + ["", "## Tests (the CUDA pass)", ""]
-    lines += _tests(results["tests"]) + ["", "## Targets (issue 14)", ""]
+    lines += _tests(results["tests"]) + ["", "## Targets (docs/design.md 4)", ""]
     lines += _targets(results["targets"]) + ["", "## Figures", "",
                                              "Median of CUDA-event timings per row (the "
                                              "checkpoint rows: one cold run each, host "

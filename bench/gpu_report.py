@@ -1,4 +1,4 @@
-"""The report of bench/gpu_check.py: issue 14's targets judged from the rows the GPU suites
+"""The report of bench/gpu_check.py: the GPU targets of docs/design.md 4, judged from the rows the GPU suites
 emit (one JSON line per row, see _common.emit_row), the test pass summarised from JUnit XML,
 and the files written into the output folder:
 
@@ -28,7 +28,7 @@ FILES = ("gpu_results.md", "gpu_results.json", "gpu_bench.csv")
 
 @dataclass(frozen=True)
 class Target:
-    """One bar of issue 14: `kind` says how the value is computed from the case's rows."""
+    """One target of docs/design.md 4: `kind` says how the value is computed from the case's rows."""
 
     id: str
     what: str

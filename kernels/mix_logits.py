@@ -1,4 +1,4 @@
-"""Mixture of K next-token distributions in Triton (DESIGN.md 1.2), for any K:
+"""Mixture of K next-token distributions in Triton (docs/design.md 1.2), for any K:
 
     out_j = log sum_k w_k softmax(x_k)_j = logsumexp_k(log w_k + lp_kj),
     lp_kj = (x_kj - m_k) - log s_k,     m_k = max_j x_kj,   s_k = sum_j exp(x_kj - m_k).

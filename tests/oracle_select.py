@@ -1,4 +1,4 @@
-"""An independent oracle for the MoD weight select (DESIGN.md 1.1), written in numpy.
+"""An independent oracle for the MoD weight select (docs/design.md 1.1), written in numpy.
 
 Nothing here imports modkern, and torch is used only to move raw bits in and out: a tensor
 is read as its integer bit patterns and every floating-point operation of the formula is
@@ -153,7 +153,7 @@ def cast_bits(t2: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
 
 def oracle_select(t1: torch.Tensor, t2: torch.Tensor, alpha: float,
                   precision: str = "exact") -> torch.Tensor:
-    """The select of DESIGN.md 1.1 as a new CPU tensor of t1's dtype and shape."""
+    """The select of docs/design.md 1.1 as a new CPU tensor of t1's dtype and shape."""
     take = take_mask(t1, alpha, precision)
     bits = np.where(take, cast_bits(t2, t1.dtype), bits_of(t1)) if take.size else bits_of(t1)
     return tensor_from_bits(bits, t1.dtype, t1.shape)

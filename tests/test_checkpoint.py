@@ -49,7 +49,7 @@ def test_equals_merge_state_dicts(ckpts, tmp_path, pair, kw):
 
 
 def test_against_elementwise_formula(ckpts, tmp_path):
-    """Independent of merge_state_dicts: the float64 formula of DESIGN.md 1.1 per tensor."""
+    """Independent of merge_state_dicts: the float64 formula of docs/design.md 1.1 per tensor."""
     merge_checkpoints(ckpts["llama_a"], ckpts["llama_b"], tmp_path / "out", 0.8,
                       progress=False)
     sd1, sd2, got = (load_folder(ckpts["llama_a"]), load_folder(ckpts["llama_b"]),

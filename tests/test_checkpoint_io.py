@@ -158,7 +158,7 @@ def _make_pair(folder, shapes, seed):
 def test_other_bytes_in_page_cache_under_5_percent(tmp_path):
     """At alpha 0.9 on N(0, 0.02) bf16 weights, a merge that starts with OTHER evicted leaves
     under 5% of OTHER's pages resident, and its own counter agrees. (The fraction selected
-    falls with tensor size, as the extremes spread: 4096x4096 is the size DESIGN.md's figure
+    falls with tensor size, as the extremes spread: 4096x4096 is the size docs/design.md's figure
     of about 1e-5 is measured on; 1M-element tensors select about 5e-5.)"""
     shapes = [(4096, 4096), (64, 4096)]  # 32 MB of bf16
     base = _make_pair(tmp_path / "base", shapes, 0)

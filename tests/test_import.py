@@ -1,4 +1,4 @@
-"""`import modkern` needs neither a GPU nor triton (DESIGN.md 3)."""
+"""`import modkern` needs neither a GPU nor triton (docs/design.md 3)."""
 
 import subprocess
 import sys

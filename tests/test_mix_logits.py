@@ -1,4 +1,4 @@
-"""mix_logits / mix_logits_many forward values against the float64 reference (DESIGN.md 1.2),
+"""mix_logits / mix_logits_many forward values against the float64 reference (docs/design.md 1.2),
 the edge cases it names, the vocabulary options and the validation errors.
 Tolerances are written down and justified in mix_cases.py."""
 

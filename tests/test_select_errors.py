@@ -1,4 +1,4 @@
-"""Bad input to the weight select gets one clear exception (DESIGN.md 6) naming the key and
+"""Bad input to the weight select gets one clear exception (docs/design.md 6) naming the key and
 the model, and an in-place select that raises leaves t1 exactly as it was."""
 
 from __future__ import annotations

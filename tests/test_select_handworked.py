@@ -1,4 +1,4 @@
-"""MoD weight select on cases worked out by hand (DESIGN.md 1.1)."""
+"""MoD weight select on cases worked out by hand (docs/design.md 1.1)."""
 
 import pytest
 import torch

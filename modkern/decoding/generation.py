@@ -1,4 +1,4 @@
-"""Decoding with a mixture of two models (DESIGN.md 1.2) inside transformers' `generate`.
+"""Decoding with a mixture of two models (docs/design.md 1.2) inside transformers' `generate`.
 
     proc = MixtureOfDistributions(model2, alpha=0.5, attention_mask=enc.attention_mask)
     out = model1.generate(**enc, logits_processor=LogitsProcessorList([proc]))

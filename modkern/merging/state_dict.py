@@ -27,7 +27,7 @@ def merge_state_dicts(sd1: Mapping[str, torch.Tensor], sd2: Mapping[str, torch.T
                       strict: bool = True, inplace: bool = False, backend: str = "auto",
                       precision: str = "exact", vocab: str = "strict",
                       stats: MergeStats | None = None) -> dict[str, torch.Tensor]:
-    """Merge two state dicts by MoD (DESIGN.md 1.1), tensor by tensor.
+    """Merge two state dicts by MoD (docs/design.md 1.1), tensor by tensor.
 
     Every floating-point tensor present in both dicts and selected by the name filters is
     replaced by `mod_select(sd1[k], sd2[k], alpha_k)`; every other entry of sd1 is carried

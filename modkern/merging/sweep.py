@@ -1,4 +1,4 @@
-"""Sweeping a merge over alpha (DESIGN.md 1.3): `sweep_merges` over two state dicts, and
+"""Sweeping a merge over alpha (docs/design.md 1.3): `sweep_merges` over two state dicts, and
 `MergeSweep`, the state behind it, which the model and checkpoint sweeps share.
 
 Every step equals `merge_state_dicts` at that step's alpha (rule) bit for bit: the same

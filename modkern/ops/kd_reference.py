@@ -1,4 +1,4 @@
-"""Distilling a mixture of teachers: the loss, specified in plain torch (DESIGN.md 1.4).
+"""Distilling a mixture of teachers: the loss, specified in plain torch (docs/design.md 1.4).
 
 For student logits s [N, V], teacher logits t_k [N, V_k], weights w_k >= 0 summing to 1 and
 a temperature T:

@@ -1,5 +1,5 @@
 """`mix_logits` and `mix_logits_many`: the mixture of K next-token distributions
-(DESIGN.md 1.2), validated and dispatched to a backend, with gradients.
+(docs/design.md 1.2), validated and dispatched to a backend, with gradients.
 
     out = log(sum_k w_k * softmax(l_k))      over the last dim, float32 log-probabilities
 

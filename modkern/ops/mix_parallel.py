@@ -5,7 +5,7 @@ head leaves its logits).
 Every output column needs only its own logits and, per row and model, the row's
 statistics over the whole vocabulary: its max m_k and log s_k = log sum exp(x - m_k) (kept
 apart, never rounded into one logsumexp: see modkern/ops/mix_torch.py); the rest of the
-mixture is elementwise (DESIGN.md 1.2). So each rank:
+mixture is elementwise (docs/design.md 1.2). So each rank:
 
 1. reduces its slice to a partial (max m, sum-exp s) per row and model (the engine's
    `local_stats`);

@@ -1,4 +1,4 @@
-"""Mixture of distributions over logits: the specification (DESIGN.md 1.2), in plain torch.
+"""Mixture of distributions over logits: the specification (docs/design.md 1.2), in plain torch.
 
     out = log(alpha * softmax(l1) + (1 - alpha) * softmax(l2))          over the last dim
         = logaddexp(log(alpha) + log_softmax(l1), log(1 - alpha) + log_softmax(l2))

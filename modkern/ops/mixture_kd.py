@@ -1,5 +1,5 @@
 """`mixture_kd_loss` and `fused_linear_mixture_kd`: distilling a mixture of teachers
-(DESIGN.md 1.4; the specification is modkern/ops/kd_reference.py).
+(docs/design.md 1.4; the specification is modkern/ops/kd_reference.py).
 
 Both walk the rows that count in chunks. Per chunk: the student's and teachers' logits
 (given, or one torch matmul each for a (hidden, weight) source), then an engine computes

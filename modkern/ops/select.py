@@ -33,7 +33,7 @@ def _checked(t1: torch.Tensor, t2: torch.Tensor, alpha: float, backend: str,
 def mod_select(t1: torch.Tensor, t2: torch.Tensor, alpha: float, *, backend: str = "auto",
                precision: str = "exact", out: torch.Tensor | None = None,
                name: str | None = None) -> torch.Tensor:
-    """MoD select of one tensor pair (DESIGN.md 1.1): t1's element where its min-max
+    """MoD select of one tensor pair (docs/design.md 1.1): t1's element where its min-max
     normalized value is below alpha, t2's element elsewhere.
 
     Args:

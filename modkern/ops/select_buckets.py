@@ -1,4 +1,4 @@
-"""The index behind a sweep over alpha (DESIGN.md 1.3): the elements of t1 at or above the
+"""The index behind a sweep over alpha (docs/design.md 1.3): the elements of t1 at or above the
 lowest of a tensor's thresholds, grouped by the interval between consecutive thresholds.
 
 For sorted distinct thresholds u_0 < u_1 < ... < u_{m-1} (each the exact threshold

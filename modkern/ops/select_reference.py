@@ -1,4 +1,4 @@
-"""MoD weight select: the specification (DESIGN.md 1.1), in plain torch.
+"""MoD weight select: the specification (docs/design.md 1.1), in plain torch.
 
 `mod_select_reference` is the formula written out as the paper's released code wrote it,
 evaluated at a chosen precision. It is slow and simple on purpose: every fast path is tested
@@ -50,7 +50,7 @@ def normalized(x: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor,
 
 def mod_select_reference(t1: torch.Tensor, t2: torch.Tensor, alpha: float,
                          precision: str = "exact") -> torch.Tensor:
-    """The MoD select of DESIGN.md 1.1, element by element: keep t1 where its min-max
+    """The MoD select of docs/design.md 1.1, element by element: keep t1 where its min-max
     normalized value is below alpha, take t2 elsewhere. Returns a new tensor of t1's dtype."""
     if t1.numel() == 0:
         return t1.clone()

@@ -1,4 +1,4 @@
-"""One tensor of a sweep over alpha (DESIGN.md 1.3): the select at many alphas, each step
+"""One tensor of a sweep over alpha (docs/design.md 1.3): the select at many alphas, each step
 writing only the elements that change.
 
 A `TensorSweep` starts from a working tensor that holds t1 (its min and max already taken
