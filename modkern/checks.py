@@ -41,8 +41,10 @@ def check_precision(precision: str) -> str:
     return precision
 
 
-def check_vocab(vocab: str, where: str = "vocab") -> str:
-    """vocab itself, or OptionError if it is not one of VOCAB_MODES."""
+def check_vocab(vocab: str, where: str = "vocab", meaning: str = "") -> str:
+    """vocab itself, or OptionError if it is not one of VOCAB_MODES (`meaning`, e.g.
+    "('strict': ...; 'common': ...)", explains the modes in the message)."""
     if not isinstance(vocab, str) or vocab not in VOCAB_MODES:
-        raise OptionError(f"{where} must be one of {VOCAB_MODES}, got {vocab!r}")
+        raise OptionError(f"{where} must be one of {VOCAB_MODES}{' ' + meaning if meaning else ''}"
+                          f", got {vocab!r}")
     return vocab

@@ -102,7 +102,9 @@ def test_distill_trains_and_publishes_a_loadable_checkpoint(models, tmp_path):
     # --force replaces it; without, OUT is refused and kept
     assert main(_args(root, dirs, out)) == 2
     assert main(_args(root, dirs, out, "--force", "--steps", "1")) == 0
-    assert yaml.safe_load((out / "modkern_recipe.yaml").read_text())["options"]["steps"] == 1
+    recipe = (out / "modkern_recipe.yaml").read_text()
+    assert recipe.startswith("# modkern distill recipe:")
+    assert yaml.safe_load(recipe)["options"]["steps"] == 1
 
 
 @pytest.mark.parametrize("line, message", [
@@ -143,7 +145,14 @@ def test_bad_models_and_weights_are_refused(models, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
     args = _args(root, dirs, dirs["qwen"] / "inside")
-    assert main(args) == 2 and "overlaps the input folder" in capsys.readouterr().err
+    assert main(args) == 2 and "is inside teacher 1 folder" in capsys.readouterr().err
+    for out, message in ((tmp_path / "file" / "out", "is a file; expected a folder"),
+                         (dirs["llama"], "is the teacher 2 folder"),
+                         (root, "contains student folder")):
+        (tmp_path / "file").write_text("x")
+        assert main(_args(root, dirs, out)) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
 
 

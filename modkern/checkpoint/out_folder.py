@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import stat
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -43,15 +44,21 @@ def out_path(out: str | os.PathLike) -> Path:
 
 
 def check_out_path(base: Path, other: Path, out: Path, force: bool) -> None:
+    """check_out_folder for a merge of the resolved folders BASE and OTHER."""
+    check_out_folder(out, {"BASE": base, "OTHER": other}, force)
+
+
+def check_out_folder(out: Path, inputs: Mapping[str, Path], force: bool) -> None:
     """Everything about OUT (resolved, see out_path) that can go wrong, checked before any
-    work: inputs, parent folder, an existing OUT. `base` and `other` are resolved folders."""
-    for label, src in (("BASE", base), ("OTHER", other)):
+    work: the input folders (resolved, by label), the parent folder, an existing OUT."""
+    outside = "both inputs" if len(inputs) == 2 else "every input"
+    for label, src in inputs.items():
         if out == src or src in out.parents:
             raise CheckpointError(f"OUT {out}: is {'the' if out == src else 'inside'} {label} "
-                                  f"folder {src}; expected a folder outside both inputs")
+                                  f"folder {src}; expected a folder outside {outside}")
         if out in src.parents:
             raise CheckpointError(f"OUT {out}: contains {label} folder {src}; expected a "
-                                  "folder outside both inputs")
+                                  f"folder outside {outside}")
         _check_links_into(src, label, out)
     check_parent(out)
     _check_name_length(out)

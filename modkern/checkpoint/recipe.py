@@ -88,8 +88,12 @@ def alpha_record(alpha, plan: dict[str, float]) -> Any:
     return {exact_pattern(n): a for n, a in plan.items()}
 
 
-def write_recipe(folder: Path, recipe: dict[str, Any]) -> None:
-    text = "# modkern merge recipe: rerun with `modkern merge BASE OTHER OUT --recipe THIS_FILE`\n"
+MERGE_HEADER = "modkern merge recipe: rerun with `modkern merge BASE OTHER OUT --recipe THIS_FILE`"
+
+
+def write_recipe(folder: Path, recipe: dict[str, Any], header: str = MERGE_HEADER) -> None:
+    """`recipe` as YAML in folder/modkern_recipe.yaml, under the comment line `header`."""
+    text = f"# {header}\n"
     text += yaml.safe_dump(recipe, sort_keys=False, default_flow_style=False)
     try:
         (folder / RECIPE).write_text(text, encoding="utf-8")

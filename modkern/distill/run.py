@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .._version import __version__
+from ..checkpoint.out_folder import check_out_folder, out_path
 from ..checkpoint.publish import publish, temp_folder
 from ..checkpoint.recipe import sha256_file, write_recipe
 from ..errors import CheckpointError, DTypeError
@@ -44,20 +45,6 @@ class DistillReport:
     def summary(self) -> str:
         return (f"{self.steps} steps on {self.examples} examples in {self.seconds:.1f} s, "
                 f"loss {self.first_loss:.4f} -> {self.last_loss:.4f}; wrote {self.out}")
-
-
-def check_out(out: Path, inputs: Sequence[Path], force: bool) -> None:
-    """OUT must be new (or, with force, a folder) and outside every input folder."""
-    for src in inputs:
-        if out == src or src in out.parents or out in src.parents:
-            raise CheckpointError(f"OUT {out}: overlaps the input folder {src}; expected a "
-                                  "folder outside every model folder")
-    if out.exists() or out.is_symlink():
-        if not force:
-            raise CheckpointError(f"OUT {out}: already exists; expected a new folder (pass "
-                                  "--force to replace it)")
-        if not out.is_dir():
-            raise CheckpointError(f"OUT {out}: exists and is not a folder")
 
 
 def _load_all(student_dir: Path, teacher_dirs: Sequence[Path], dtype, device: str):
@@ -109,13 +96,15 @@ def distill_checkpoints(student_dir, teacher_dirs: Sequence, data, out, *,
     if dtype not in DTYPES:
         raise DTypeError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     K = len(teacher_dirs)
-    job = _Job(Path(student_dir), teacher_dirs, Path(data), Path(out),
+    job = _Job(Path(student_dir), teacher_dirs, Path(data), out_path(out),
                check_weights(weights if weights is not None else [1.0 / K] * K, K),
                config, device, DTYPES[dtype], force)
     check_folder(job.student_dir, "student")
     for i, folder in enumerate(teacher_dirs):
         check_folder(folder, f"teacher {i + 1}")
-    check_out(job.out, [job.student_dir, *teacher_dirs], force)
+    inputs = {"student": job.student_dir.resolve()}
+    inputs.update((f"teacher {i + 1}", t.resolve()) for i, t in enumerate(teacher_dirs))
+    check_out_folder(job.out, inputs, force)
     check_options(config.temperature, config.kind, None)
     examples = read_jsonl(job.data)
     with quiet_transformers():
@@ -137,7 +126,8 @@ def _train_and_publish(job: _Job, examples, progress: bool, log) -> DistillRepor
     try:
         student.model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        write_recipe(tmp, _recipe(job, result, report))
+        write_recipe(tmp, _recipe(job, result, report),
+                     header="modkern distill recipe: the inputs, options and losses of this run")
         publish(tmp, job.out, replace=job.force)
     except OSError as err:
         raise CheckpointError(f"OUT {job.out}: cannot write the checkpoint: "

@@ -15,11 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checks import check_alpha
+from ..checks import check_alpha, check_vocab
 from ..errors import AlphaError, DTypeError, OptionError, ShapeMismatchError
 from .kd_reference import KINDS
 
-VOCAB_MODES = ("common", "strict")
 SUM_TOL = 1e-5  # |sum of weights - 1| allowed (weights written to a few digits round)
 
 Rows = slice | torch.Tensor  # a range of rows, or the indices of the rows to take
@@ -145,8 +144,7 @@ def check_devices(sources: Sequence[LogitsSource], extra: Sequence[torch.Tensor]
 def common_width(sources: Sequence[LogitsSource], vocab: str) -> int:
     """The vocabulary the loss runs over: min of the widths (vocab="common"); with
     vocab="strict" differing widths raise ShapeMismatchError naming each."""
-    if vocab not in VOCAB_MODES:
-        raise OptionError(f"vocab must be one of {VOCAB_MODES}, got {vocab!r}")
+    check_vocab(vocab)
     widths = [s.width for s in sources]
     if vocab == "strict" and len(set(widths)) > 1:
         listed = ", ".join(f"{s.name} has {w}" for s, w in zip(sources, widths))

@@ -16,10 +16,9 @@ from collections.abc import Sequence
 
 import torch
 
-from ..checks import FLOAT_DTYPES, check_alpha
+from ..checks import FLOAT_DTYPES, check_alpha, check_vocab
 from ..errors import AlphaError, BackendError, DTypeError, OptionError, ShapeMismatchError
 
-VOCAB_MODES = ("strict", "common")
 SUM_TOL = 1e-5  # |sum of weights - 1| allowed (float32 weights round)
 
 Weight = float | torch.Tensor
@@ -27,9 +26,8 @@ Weight = float | torch.Tensor
 
 def check_options(vocab: str, check: bool, group, vocab_start) -> None:
     """vocab, check and vocab_start (which needs group=)."""
-    if not isinstance(vocab, str) or vocab not in VOCAB_MODES:
-        raise OptionError(f"vocab must be one of {VOCAB_MODES} ('strict': widths must be "
-                          f"equal; 'common': keep the common prefix), got {vocab!r}")
+    check_vocab(vocab, meaning="('strict': widths must be equal; 'common': keep the common "
+                "prefix)")
     if not isinstance(check, bool):
         raise OptionError(f"check must be True or False, got {check!r}")
     if vocab_start is not None and group is None:
