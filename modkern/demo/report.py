@@ -78,7 +78,7 @@ def save_plot(result: DemoResult, path: Path, notes: list[str]) -> Path | None:
     except ImportError:
         notes.append("matplotlib is not installed (pip install 'modkern[demo]'): no plot")
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 5), sharey=True)
     styles = {"mod": ("MoD merge", "o-"), "linear": ("linear merge", "s--"),
               "mixture": ("mixture decoding", "^:"),
               "distill": ("distilled from the mixture", "*")}
@@ -102,8 +102,10 @@ def save_plot(result: DemoResult, path: Path, notes: list[str]) -> Path | None:
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("exact-match accuracy")
-    axes[1].legend(fontsize=8, loc="center right")
-    fig.tight_layout()
+    # one legend below both panels, where it hides no point
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=3, frameon=False)
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
