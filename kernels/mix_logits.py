@@ -30,9 +30,10 @@ gradients in one more sweep. Both recompute lp_k and out from the logits and the
 Moves R * V * (2 * (4 + sum_k b_k) + sum_k b_k) bytes: g and the logits read twice, the
 gradients written once.
 
-Offsets are 64-bit (rows x V passes 2**31 at training sizes). The launchers below follow the
-engine interface of modkern/ops/mix_torch.py, including the pieces a vocabulary split across
-processes needs (`local_stats`, `forward(..., stats=)`, `backward_sums`, `backward_grads`).
+The kernels' shared pieces (loading blocks, row statistics, the mixture) are in
+mix_blocks.py. Offsets are 64-bit (rows x V passes 2**31 at training sizes). The launchers
+below follow the engine interface of modkern/ops/mix_torch.py, including the pieces a
+vocabulary split across processes needs (`local_stats`, `forward(..., stats=)`, `backward_sums`, `backward_grads`).
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .convert import narrow, widen
+from .convert import narrow
+from .mix_blocks import (row_starts, span_stats, load_stats, load_weights, share, block_again,
+                         write_span, store_stats, combine_partials)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # as triton reads it
 # Columns per block: 4096 keeps 16 KB of each fp32 row chunk in registers on a GPU; small
@@ -51,160 +54,6 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # as trit
 BLOCK = 1024 if _INTERPRET else 4096
 NUM_WARPS = 8
 MAX_SPLITS = 256
-NEG_INF = tl.constexpr(float("-inf"))  # a global a kernel may read
-
-
-# ---------------------------------------------------------------- building blocks
-
-
-@triton.jit
-def _row_starts(xs, x_row_strides, row, K: tl.constexpr):
-    """Each model's pointer to the start of `row`."""
-    starts = ()
-    for k in tl.static_range(K):
-        starts = starts + (xs[k] + row * x_row_strides[k],)
-    return starts
-
-
-@triton.jit
-def _load_block(starts, cols, load, K: tl.constexpr):
-    """Every model's logits at `cols` as float32 (-inf where not `load`)."""
-    xs = ()
-    for k in tl.static_range(K):
-        x = tl.load(starts[k] + cols, mask=load, other=NEG_INF)
-        xs = xs + (widen(x, tl.float32),)
-    return xs
-
-
-@triton.jit
-def _span_stats(starts, n_valid, c0, c1, K: tl.constexpr, BLOCK: tl.constexpr):
-    """Per model, (max, sum exp(x - max)) over the row's columns [c0, c1) below n_valid,
-    each block read once for all K models. NaN in, NaN sum out; all -inf gives (-inf, 0)."""
-    ms = ()
-    ss = ()
-    for k in tl.static_range(K):
-        ms = ms + (tl.full([], NEG_INF, tl.float32),)
-        ss = ss + (tl.full([], 0.0, tl.float32),)
-    for start in range(c0, c1, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        xs = _load_block(starts, cols, (cols < c1) & (cols < n_valid), K)
-        new_ms = ()
-        new_ss = ()
-        for k in tl.static_range(K):
-            m = tl.maximum(ms[k], tl.max(xs[k], axis=0))
-            shift = tl.where(m == NEG_INF, 0.0, m)  # -inf - -inf would be NaN
-            s = ss[k] * tl.exp(ms[k] - shift) + tl.sum(tl.exp(xs[k] - shift), axis=0)
-            new_ms = new_ms + (m,)
-            new_ss = new_ss + (s,)
-        ms = new_ms
-        ss = new_ss
-    return ms, ss
-
-
-@triton.jit
-def _load_stats(stats_ptr, row, K: tl.constexpr):
-    """The row's (m_k, log s_k) for every model, from stats [R, K, 2]."""
-    ms = ()
-    lss = ()
-    for k in tl.static_range(K):
-        ms = ms + (tl.load(stats_ptr + (row * K + k) * 2),)
-        lss = lss + (tl.load(stats_ptr + (row * K + k) * 2 + 1),)
-    return ms, lss
-
-
-@triton.jit
-def _load_weights(w_ptr, w_row_stride, row, K: tl.constexpr):
-    ws = ()
-    for k in tl.static_range(K):
-        ws = ws + (tl.load(w_ptr + row * w_row_stride + k),)
-    return ws
-
-
-@triton.jit
-def _log_softmax(xs, ms, lss, K: tl.constexpr):
-    """lp_k = (x_k - m_k) - log s_k: the max subtracted first, so lp_k is exact to an ulp
-    of itself however large the logits."""
-    lps = ()
-    for k in tl.static_range(K):
-        lps = lps + ((xs[k] - ms[k]) - lss[k],)
-    return lps
-
-
-@triton.jit
-def _logaddexp(a, b):
-    """log(exp a + exp b); NaN if either is NaN; -inf if both are -inf."""
-    mx = tl.where(a > b, a, b)
-    d = a - b  # NaN when either is NaN (or both are -inf)
-    r = mx + tl.log(1.0 + tl.exp(-tl.abs(d)))
-    return tl.where(mx == NEG_INF, NEG_INF, r)
-
-
-@triton.jit
-def _mixture(lps, ws, K: tl.constexpr):
-    """logsumexp_k(log w_k + lp_k); a model of weight 0 is left out (even where lp_k is
-    NaN), a column where every term is -inf gives -inf."""
-    out = tl.where(ws[0] > 0, tl.log(ws[0]) + lps[0], NEG_INF)
-    for k in tl.static_range(1, K):
-        out = _logaddexp(out, tl.where(ws[k] > 0, tl.log(ws[k]) + lps[k], NEG_INF))
-    return out
-
-
-@triton.jit
-def _share(lp, out):
-    """e = p / q = exp(lp - out); 0 where the model has no mass (or a NaN row)."""
-    return tl.where((lp == NEG_INF) | (lp != lp), 0.0, tl.exp(lp - out))
-
-
-@triton.jit
-def _block_again(starts, g_row, cols, load, ms, lss, ws, K: tl.constexpr):
-    """For the backward: a block's upstream gradient g, every model's lp_k, and out,
-    recomputed from the logits and the row stats."""
-    g = tl.load(g_row + cols, mask=load, other=0.0).to(tl.float32)
-    lps = _log_softmax(_load_block(starts, cols, load, K), ms, lss, K)
-    return g, lps, _mixture(lps, ws, K)
-
-
-@triton.jit
-def _write_span(starts, out_row, ws, ms, lss, c0, c1, n_valid, K: tl.constexpr,
-                BLOCK: tl.constexpr):
-    """The output of one row's columns [c0, c1), walking backwards: the blocks read last
-    by the statistics sweep are the first read again. Reads sum_k b_k and writes 4 bytes
-    per column."""
-    n_blocks = tl.cdiv(c1 - c0, BLOCK)
-    for i in range(0, n_blocks):
-        cols = c0 + (n_blocks - 1 - i) * BLOCK + tl.arange(0, BLOCK)
-        xs = _load_block(starts, cols, (cols < c1) & (cols < n_valid), K)
-        out = _mixture(_log_softmax(xs, ms, lss, K), ws, K)
-        tl.store(out_row + cols, out, mask=cols < c1)
-
-
-@triton.jit
-def _store_stats(stats_ptr, row, ms, ss, K: tl.constexpr):
-    """stats[row, k] = (m_k, log s_k); returns the log sums."""
-    lss = ()
-    for k in tl.static_range(K):
-        ls = tl.log(ss[k])
-        tl.store(stats_ptr + (row * K + k) * 2, ms[k])
-        tl.store(stats_ptr + (row * K + k) * 2 + 1, ls)
-        lss = lss + (ls,)
-    return lss
-
-
-@triton.jit
-def _combine_partials(part_ptr, row, n_split, K: tl.constexpr, SPLITS: tl.constexpr):
-    """A row's (m_k, s_k) from its n_split partial pairs, part [R, n_split, K, 2]."""
-    i = tl.arange(0, SPLITS)
-    ms = ()
-    ss = ()
-    for k in tl.static_range(K):
-        at = ((row * n_split + i) * K + k) * 2
-        pm = tl.load(part_ptr + at, mask=i < n_split, other=NEG_INF)
-        ps = tl.load(part_ptr + at + 1, mask=i < n_split, other=0.0)
-        m = tl.max(pm, axis=0)
-        shift = tl.where(m == NEG_INF, 0.0, m)
-        ms = ms + (m,)
-        ss = ss + (tl.sum(ps * tl.exp(pm - shift), axis=0),)
-    return ms, ss
 
 
 # ---------------------------------------------------------------- forward kernels
@@ -216,11 +65,11 @@ def mix_forward_row_kernel(xs, x_row_strides, w_ptr, w_row_stride, out_ptr, stat
     """One program per row: the row's stats, then its output. Reads 2 * sum_k b_k, writes
     4 bytes per column (plus 8 K bytes of stats per row)."""
     row = tl.program_id(0).to(tl.int64)
-    starts = _row_starts(xs, x_row_strides, row, K)
-    ms, ss = _span_stats(starts, n_valid, 0, V, K, BLOCK)
-    lss = _store_stats(stats_ptr, row, ms, ss, K)
-    ws = _load_weights(w_ptr, w_row_stride, row, K)
-    _write_span(starts, out_ptr + row * V, ws, ms, lss, 0, V, n_valid, K, BLOCK)
+    starts = row_starts(xs, x_row_strides, row, K)
+    ms, ss = span_stats(starts, n_valid, 0, V, K, BLOCK)
+    lss = store_stats(stats_ptr, row, ms, ss, K)
+    ws = load_weights(w_ptr, w_row_stride, row, K)
+    write_span(starts, out_ptr + row * V, ws, ms, lss, 0, V, n_valid, K, BLOCK)
 
 
 @triton.jit
@@ -231,8 +80,8 @@ def mix_partial_stats_kernel(xs, x_row_strides, part_ptr, n_valid, V, span,
     row = tl.program_id(0).to(tl.int64)
     sid = tl.program_id(1)
     c0 = sid * span
-    starts = _row_starts(xs, x_row_strides, row, K)
-    ms, ss = _span_stats(starts, n_valid, c0, tl.minimum(c0 + span, V), K, BLOCK)
+    starts = row_starts(xs, x_row_strides, row, K)
+    ms, ss = span_stats(starts, n_valid, c0, tl.minimum(c0 + span, V), K, BLOCK)
     for k in tl.static_range(K):
         at = ((row * tl.num_programs(1) + sid) * K + k) * 2
         tl.store(part_ptr + at, ms[k])
@@ -247,15 +96,15 @@ def mix_forward_span_kernel(xs, x_row_strides, w_ptr, w_row_stride, part_ptr, st
     and writes the span's output. Reads sum_k b_k and writes 4 bytes per column."""
     row = tl.program_id(0).to(tl.int64)
     sid = tl.program_id(1)
-    ms, ss = _combine_partials(part_ptr, row, tl.num_programs(1), K, SPLITS)
+    ms, ss = combine_partials(part_ptr, row, tl.num_programs(1), K, SPLITS)
     lss = ()
     for k in tl.static_range(K):
         lss = lss + (tl.log(ss[k]),)
     if sid == 0:
-        _store_stats(stats_ptr, row, ms, ss, K)
-    ws = _load_weights(w_ptr, w_row_stride, row, K)
+        store_stats(stats_ptr, row, ms, ss, K)
+    ws = load_weights(w_ptr, w_row_stride, row, K)
     c0 = sid * span
-    _write_span(_row_starts(xs, x_row_strides, row, K), out_ptr + row * V, ws, ms, lss,
+    write_span(row_starts(xs, x_row_strides, row, K), out_ptr + row * V, ws, ms, lss,
                 c0, tl.minimum(c0 + span, V), n_valid, K, BLOCK)
 
 
@@ -268,9 +117,9 @@ def mix_forward_given_stats_kernel(xs, x_row_strides, w_ptr, w_row_stride, stats
     column."""
     row = tl.program_id(0).to(tl.int64)
     c0 = tl.program_id(1) * span
-    ms, lss = _load_stats(stats_ptr, row, K)
-    ws = _load_weights(w_ptr, w_row_stride, row, K)
-    _write_span(_row_starts(xs, x_row_strides, row, K), out_ptr + row * V, ws, ms, lss,
+    ms, lss = load_stats(stats_ptr, row, K)
+    ws = load_weights(w_ptr, w_row_stride, row, K)
+    write_span(row_starts(xs, x_row_strides, row, K), out_ptr + row * V, ws, ms, lss,
                 c0, tl.minimum(c0 + span, V), n_valid, K, BLOCK)
 
 
@@ -285,9 +134,9 @@ def mix_backward_sums_kernel(xs, x_row_strides, g_ptr, g_row_stride, w_ptr, w_ro
     into part [R, S, K], in one sweep. Reads 4 + sum_k b_k per column, writes 4 K bytes."""
     row = tl.program_id(0).to(tl.int64)
     sid = tl.program_id(1)
-    starts = _row_starts(xs, x_row_strides, row, K)
-    ms, lss = _load_stats(stats_ptr, row, K)
-    ws = _load_weights(w_ptr, w_row_stride, row, K)
+    starts = row_starts(xs, x_row_strides, row, K)
+    ms, lss = load_stats(stats_ptr, row, K)
+    ws = load_weights(w_ptr, w_row_stride, row, K)
     c0 = sid * span
     c1 = tl.minimum(c0 + span, n_valid)
     acc = ()
@@ -296,11 +145,11 @@ def mix_backward_sums_kernel(xs, x_row_strides, g_ptr, g_row_stride, w_ptr, w_ro
     for start in range(c0, c1, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         load = cols < c1
-        g, lps, out = _block_again(starts, g_ptr + row * g_row_stride, cols, load, ms, lss,
+        g, lps, out = block_again(starts, g_ptr + row * g_row_stride, cols, load, ms, lss,
                                    ws, K)
         new = ()
         for k in tl.static_range(K):
-            new = new + (acc[k] + tl.where(g == 0, 0.0, g * _share(lps[k], out)),)
+            new = new + (acc[k] + tl.where(g == 0, 0.0, g * share(lps[k], out)),)
         acc = new
     for k in tl.static_range(K):
         tl.store(part_ptr + (row * tl.num_programs(1) + sid) * K + k, tl.sum(acc[k], axis=0))
@@ -314,20 +163,20 @@ def mix_backward_grads_kernel(xs, x_row_strides, grads, g_ptr, g_row_stride, w_p
     (0 for a model of weight 0 and beyond n_valid). Reads 4 + sum_k b_k, writes sum_k b_k
     per column."""
     row = tl.program_id(0).to(tl.int64)
-    starts = _row_starts(xs, x_row_strides, row, K)
-    ms, lss = _load_stats(stats_ptr, row, K)
-    ws = _load_weights(w_ptr, w_row_stride, row, K)
+    starts = row_starts(xs, x_row_strides, row, K)
+    ms, lss = load_stats(stats_ptr, row, K)
+    ws = load_weights(w_ptr, w_row_stride, row, K)
     c0 = tl.program_id(1) * span
     c1 = tl.minimum(c0 + span, V)
     for start in range(c0, c1, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         load = cols < n_valid
-        g, lps, out = _block_again(starts, g_ptr + row * g_row_stride, cols, load, ms, lss,
+        g, lps, out = block_again(starts, g_ptr + row * g_row_stride, cols, load, ms, lss,
                                    ws, K)
         for k in tl.static_range(K):
             c_k = tl.load(c_ptr + row * K + k)
             p = tl.where(lps[k] != lps[k], 0.0, tl.exp(lps[k]))
-            grad = tl.where(ws[k] > 0, g * ws[k] * _share(lps[k], out) - p * c_k, 0.0)
+            grad = tl.where(ws[k] > 0, g * ws[k] * share(lps[k], out) - p * c_k, 0.0)
             dst = grads[k] + row * V + cols
             tl.store(dst, narrow(grad, dst.dtype.element_ty), mask=cols < c1)
 
