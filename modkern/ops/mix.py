@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -81,8 +82,8 @@ def mix_logits(l1: torch.Tensor, l2: torch.Tensor, alpha: Weight, *, backend: st
         a = check_alpha(alpha)
         weights = [a, 1.0 - a]
     # alpha and 1 - alpha: no sum to check (nor to synchronise for)
-    return _mix([l1, l2], weights, backend, vocab, n_valid, ("l1", "l2"), group, vocab_start,
-                check_sums=False)
+    return _mix([l1, l2], weights, ("l1", "l2"),
+                _Options(backend, vocab, n_valid, group, vocab_start, check_sums=False))
 
 
 def mix_logits_many(logits: Sequence[torch.Tensor], weights: Sequence[Weight] | torch.Tensor,
@@ -105,8 +106,8 @@ def mix_logits_many(logits: Sequence[torch.Tensor], weights: Sequence[Weight] | 
     names = tuple(f"logits[{i}]" for i in range(len(logits)))
     mix_checks.check_logits(logits, names)
     weights = mix_checks.many_weights(weights, len(logits), logits[0].device, check)
-    return _mix(logits, weights, backend, vocab, n_valid, names, group, vocab_start,
-                check_sums=check)
+    return _mix(logits, weights, names,
+                _Options(backend, vocab, n_valid, group, vocab_start, check_sums=check))
 
 
 # ---------------------------------------------------------------- dispatch
@@ -130,11 +131,23 @@ def _prepare(ls: list, names: tuple[str, ...], vocab: str, n_valid, group, vocab
     return ls, mix_checks.check_n_valid(n_valid, ls[0].shape[-1])
 
 
-def _mix(ls: list[torch.Tensor], weights: list[Weight], backend: str, vocab: str,
-         n_valid: int | None, names: tuple[str, ...], group=None,
-         vocab_start: int | None = None, check_sums: bool = True) -> torch.Tensor:
-    ls, n_valid = _prepare(ls, names, vocab, n_valid, group, vocab_start)
-    engine = _engine(backend, ls)
+@dataclass(frozen=True)
+class _Options:
+    """The options of one mix, checked by the public functions."""
+
+    backend: str
+    vocab: str
+    n_valid: int | None
+    group: object
+    vocab_start: int | None
+    check_sums: bool
+
+
+def _mix(ls: list[torch.Tensor], weights: list[Weight], names: tuple[str, ...],
+         opts: _Options) -> torch.Tensor:
+    group = opts.group
+    ls, n_valid = _prepare(ls, names, opts.vocab, opts.n_valid, group, opts.vocab_start)
+    engine = _engine(opts.backend, ls)
     lead, V = ls[0].shape[:-1], ls[0].shape[-1]
     cd = mix_torch.compute_dtype(ls)
     if all(not isinstance(w, torch.Tensor) for w in weights):
@@ -142,7 +155,7 @@ def _mix(ls: list[torch.Tensor], weights: list[Weight], backend: str, vocab: str
     keep = [k for k, w in enumerate(weights) if isinstance(w, torch.Tensor) or w > 0]
     ls, weights = [ls[k] for k in keep], [weights[k] for k in keep]  # w = 0: model unused
     W = _weights_matrix(weights, lead, cd, ls[0].device)
-    if check_sums and any(isinstance(w, torch.Tensor) for w in weights):
+    if opts.check_sums and any(isinstance(w, torch.Tensor) for w in weights):
         mix_checks.check_row_sums(W)
     if group is None and len(ls) == 1 and not isinstance(weights[0], torch.Tensor):
         return _log_softmax(ls[0], cd, n_valid)  # one model, weight 1
