@@ -49,10 +49,9 @@ def merge_state_dicts(sd1: Mapping[str, torch.Tensor], sd2: Mapping[str, torch.T
             and tensors that require grad are updated as by an optimizer step).
         backend, precision: as for `mod_select`.
         vocab: "strict" refuses tensors whose shapes differ; "common" merges a pair whose
-            first dimension differs (the rest equal, e.g. embed_tokens and lm_head of
-            vocabularies padded to different sizes) over the rows both have (min, max and
-            threshold from model 1's common rows), keeping model 1's further rows as they
-            are.
+            first dimension alone differs (embeddings and heads of padded vocabularies) over
+            the rows both have (min, max and threshold from those rows of model 1), keeping
+            model 1's further rows.
         stats: a MergeStats to fill with counts (tensors merged, elements taken).
 
     Merged tensors are new plain tensors (no autograd history, requires_grad False). Errors
