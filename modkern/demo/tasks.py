@@ -13,9 +13,10 @@ from typing import Callable, Sequence
 
 import torch
 
+from .toy import EOS_ID
+
 LETTERS = "abcdefgh"
 ALPHABET = "0123456789+=" + LETTERS
-EOS_ID = 1
 
 Example = tuple[str, str]  # (prompt, answer)
 

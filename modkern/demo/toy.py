@@ -24,12 +24,21 @@ def char_tokenizer(alphabet: str):
                                    eos_token="<eos>", unk_token="<unk>")
 
 
-def tiny_causal_lm(vocab_size: int, *, arch: str = "qwen2", hidden: int = 64,
-                   layers: int = 2, heads: int = 4, kv_heads: int = 2,
-                   intermediate: int | None = None, max_positions: int = 128,
-                   seed: int = 0, eos_token_id: int = 1, pad_token_id: int = 0):
+# The sizes tiny_causal_lm takes by keyword, and their defaults (intermediate None: 2 x hidden).
+TINY_SIZES = {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": None,
+              "max_positions": 128}
+EOS_ID, PAD_ID = 1, 0  # the ids char_tokenizer gives <eos> and <pad>
+
+
+def tiny_causal_lm(vocab_size: int, *, arch: str = "qwen2", seed: int = 0, **sizes: int):
     """A randomly initialised (seeded) Qwen2 or Llama causal LM of the given size, float32,
-    in eval mode."""
+    in eval mode. `sizes`: any of TINY_SIZES (hidden, layers, heads, kv_heads,
+    intermediate, max_positions)."""
+    unknown = sorted(set(sizes) - set(TINY_SIZES))
+    if unknown:
+        raise TypeError(f"tiny_causal_lm: unknown sizes {unknown}; expected some of "
+                        f"{sorted(TINY_SIZES)}")
+    size = {**TINY_SIZES, **sizes}
     from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config,
                               Qwen2ForCausalLM)
 
@@ -37,12 +46,13 @@ def tiny_causal_lm(vocab_size: int, *, arch: str = "qwen2", hidden: int = 64,
     if arch not in classes:
         raise ValueError(f"tiny_causal_lm: arch must be one of {sorted(classes)}, got {arch!r}")
     config_cls, model_cls = classes[arch]
-    config = config_cls(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
-                        num_attention_heads=heads, num_key_value_heads=kv_heads,
-                        intermediate_size=intermediate or 2 * hidden,
-                        max_position_embeddings=max_positions, tie_word_embeddings=False,
-                        eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                        bos_token_id=eos_token_id)
+    config = config_cls(vocab_size=vocab_size, hidden_size=size["hidden"],
+                        num_hidden_layers=size["layers"], num_attention_heads=size["heads"],
+                        num_key_value_heads=size["kv_heads"],
+                        intermediate_size=size["intermediate"] or 2 * size["hidden"],
+                        max_position_embeddings=size["max_positions"],
+                        tie_word_embeddings=False, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+                        bos_token_id=EOS_ID)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_cls(config)
