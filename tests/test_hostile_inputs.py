@@ -178,7 +178,15 @@ def test_catalogue_covers_every_kind():
 @pytest.mark.parametrize("raised, code, line", [
     (OSError(errno.EIO, "Input/output error", "/x/y"), 2,
      "modkern merge: error: /x/y: Input/output error (EIO)"),
-    (MemoryError(), 2, "modkern merge: error: out of memory (MemoryError)"),
+    (MemoryError(), 2, "modkern merge: error: out of memory (MemoryError"),
+    # torch's CPU allocator, e.g. for a tensor a header claims is 2 TB
+    (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                  "2199023255552 bytes. Error code 12 (Cannot allocate memory)"), 2,
+     "modkern merge: error: out of memory (RuntimeError: DefaultCPUAllocator"),
+    (type("OutOfMemoryError", (RuntimeError,), {})("CUDA out of memory. Tried to allocate"),
+     2, "modkern merge: error: out of memory (OutOfMemoryError: CUDA out of memory"),
+    (RuntimeError("some other torch failure"), 1,
+     "modkern merge: internal error: RuntimeError: some other torch failure"),
     (KeyboardInterrupt(), 130, "modkern merge: interrupted"),
     (TypeError("a bug\nwith two lines"), 1, "modkern merge: internal error: TypeError: a bug"
      "\\nwith two lines (a bug in modkern"),

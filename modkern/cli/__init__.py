@@ -84,6 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def out_of_memory(err: BaseException) -> bool:
+    """Whether `err` says memory ran out: MemoryError, torch's CUDA OutOfMemoryError, or the
+    RuntimeError torch's CPU allocator raises (a tensor larger than the machine's memory,
+    e.g. from a header that claims one)."""
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("can't allocate memory" in text
+                                              or "out of memory" in text.lower())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     module = importlib.import_module(f"modkern.cli.{COMMANDS[args.command]}")
@@ -94,12 +105,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(err)
     except OSError as err:
         message = describe_os_error(err)
-    except MemoryError:
-        message = "out of memory (MemoryError); expected enough free memory for the task"
     except KeyboardInterrupt:
         print(f"{command}: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - a bug: keep its traceback, name it, exit 1
+        if out_of_memory(err):
+            message = (f"out of memory ({type(err).__name__}: {one_line(str(err))[:200]}); "
+                       "expected enough free memory for the task")
+            print(f"{command}: error: {message}", file=sys.stderr)
+            return 2
         traceback.print_exc()
         print(f"{command}: internal error: {type(err).__name__}: {one_line(str(err))} (a bug "
               "in modkern, not a problem with your input: please report it with the "
