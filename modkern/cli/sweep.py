@@ -65,6 +65,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(command="sweep")
 
 
+MAX_ALPHAS = 1001  # a grid step of 0.001 over [0, 1]; more is a typo, not a sweep
+
+
 def parse_grid(text: str) -> list[float]:
     """--alpha: START:STOP:STEP (STOP included when on the grid) or a comma list; the
     distinct values in order, each checked in [0, 1]."""
@@ -76,7 +79,7 @@ def parse_grid(text: str) -> list[float]:
             if not step > 0 or stop < start:
                 raise ValueError
             count = math.floor((stop - start) / step + 1e-9) + 1
-            values = [round(start + i * step, 10) for i in range(count)]
+            values = [round(start + i * step, 10) for i in range(min(count, MAX_ALPHAS + 1))]
         else:
             values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -85,12 +88,16 @@ def parse_grid(text: str) -> list[float]:
                          ) from None
     if not values:
         raise AlphaError(f"--alpha {text!r}: no alpha given")
+    if ":" in text and count > MAX_ALPHAS or len(values) > MAX_ALPHAS:
+        given = count if ":" in text else len(values)
+        raise AlphaError(f"--alpha: {given} alphas; expected at most {MAX_ALPHAS} (a "
+                         "coarser grid)")
     return list(dict.fromkeys(check_alpha(v, f"--alpha value {v!r}") for v in values))
 
 
 def check_args(args: argparse.Namespace) -> list[float]:
     """Everything checkable before any work; the grid."""
-    from ..checkpoint.out_folder import check_out_path
+    from ..checkpoint.out_folder import check_out_path, check_space
 
     grid = parse_grid(args.alpha)
     if args.mixture:
@@ -102,15 +109,29 @@ def check_args(args: argparse.Namespace) -> list[float]:
                                   "merges no weights and is scored by log-likelihood)")
     base, other = (Path(p).absolute() for p in (args.base, args.other))
     if args.out is not None:
-        check_out_path(base.resolve(), other.resolve(), args.out.absolute().resolve(),
-                       args.force)
+        out = args.out.absolute().resolve()
+        check_out_path(base.resolve(), other.resolve(), out, args.force)
+        # the best merge is written after the whole sweep: its room is checked now
+        check_space(out, sum(f.stat().st_size for f in base.glob("*.safetensors")))
     if args.plot is not None:
-        from ..evaluation.result import pyplot
-        pyplot()  # matplotlib is needed: say so now, not after the sweep
-        if args.plot.is_dir() or not args.plot.absolute().parent.is_dir():
-            raise OptionError(f"--plot {args.plot}: expected a file name in an existing "
-                              "folder")
+        check_plot_path(args.plot)
     return grid
+
+
+def check_plot_path(path: Path) -> None:
+    """--plot: a file name in an existing folder, of a format matplotlib writes (png, pdf,
+    svg, ...); matplotlib itself is needed. Checked before the sweep, not after it."""
+    from ..evaluation.result import pyplot
+
+    plt = pyplot()
+    figure = plt.figure()
+    formats = figure.canvas.get_supported_filetypes()
+    plt.close(figure)
+    if path.suffix.lower().lstrip(".") not in formats:
+        raise OptionError(f"--plot {path}: expected a file name ending in one of "
+                          f"{', '.join('.' + f for f in sorted(formats))} (e.g. sweep.png)")
+    if path.is_dir() or not path.absolute().parent.is_dir():
+        raise OptionError(f"--plot {path}: expected a file name in an existing folder")
 
 
 def run(args: argparse.Namespace) -> int:
