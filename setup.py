@@ -11,7 +11,8 @@ exec((ROOT / "modkern" / "_version.py").read_text(), version)
 
 # torch is left as a lower bound: pin it yourself (the README does) so pip never swaps an
 # installed CPU or CUDA build for a different one.
-TEST = ["pytest>=8", "hypothesis>=6.100", "numpy>=1.26", "triton>=3.2"]
+TEST = ["pytest>=8", "hypothesis>=6.100", "numpy>=1.26", "triton>=3.2",
+        "matplotlib>=3.7"]  # the plots of the demo and the sweep are tested too
 BENCH = ["pytest>=8", "pytest-benchmark>=4", "numpy>=1.26", "triton>=3.2"]
 
 setup(

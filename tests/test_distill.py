@@ -17,8 +17,7 @@ pytest.importorskip("transformers")
 
 from modkern.cli import build_parser, main  # noqa: E402
 from modkern.demo.toy import char_tokenizer, tiny_causal_lm  # noqa: E402
-from modkern.distill.data import (IGNORE, DataError, Example, collate, parse_line,  # noqa: E402
-                                  read_jsonl)
+from modkern.distill.data import IGNORE, Example, collate, read_prompt_answers  # noqa: E402
 from modkern.distill.models import check_head  # noqa: E402
 from modkern.distill.train import DistillConfig, distill_loss  # noqa: E402
 from modkern.ops.kd_reference import mixture_kd_reference  # noqa: E402
@@ -108,11 +107,11 @@ def test_distill_trains_and_publishes_a_loadable_checkpoint(models, tmp_path):
 
 
 @pytest.mark.parametrize("line, message", [
-    ('{"prompt": "1+1=", "response": "2"}\n{"prompt": "2+2="', "train.jsonl:2: not valid JSON"),
-    ('{"prompt": "1+1="}', "train.jsonl:1: missing field 'response'"),
-    ('{"prompt": 5, "response": "2"}', "train.jsonl:1: field 'prompt' must be a string"),
-    ('["1+1=", "2"]', "train.jsonl:1: expected a JSON object"),
-    ('{"prompt": "a", "response": "b", "answer": "c"}', "both 'response' and 'answer'"),
+    ('{"prompt": "1+1=", "response": "2"}\n{"prompt": "2+2="', "train.jsonl:2: not JSON"),
+    ('{"prompt": "1+1="}', 'train.jsonl:1: field "answer" (or "response") is missing'),
+    ('{"prompt": 5, "response": "2"}', 'train.jsonl:1: field "prompt" is a int'),
+    ('["1+1=", "2"]', "train.jsonl:1: a JSON list, expected an object"),
+    ('{"prompt": "a", "response": "b", "answer": "c"}', 'both "answer" and "response"'),
     ("\n\n", "no examples"),
 ])
 def test_bad_data_is_one_line_and_exit_2(models, tmp_path, capsys, line, message):
@@ -160,12 +159,9 @@ def test_reader_and_batches(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "ab=", "answer": "ba", "task": "rev"}\n\n'
                     '{"prompt": "1+2=", "response": "3"}\n')
-    exs = read_jsonl(data)
+    exs = read_prompt_answers(data)
     assert exs == [Example("ab=", "ba", "rev", f"{data}:1"), Example("1+2=", "3", None,
                                                                        f"{data}:3")]
-    assert parse_line("   ", "x:1") is None
-    with pytest.raises(DataError, match="x:7: field 'task' must be a string"):
-        parse_line('{"prompt": "a", "response": "b", "task": 3}', "x:7")
     tok = char_tokenizer(ALPHABET)
     batch = collate(tok, exs, 64)
     vocab = tok.get_vocab()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -76,15 +77,16 @@ def parse_grid(text: str) -> list[float]:
     try:
         if ":" in text:
             start, stop, step = (float(x) for x in text.split(":"))
-            if not step > 0 or stop < start:
+            if not (step > 0 and stop >= start and math.isfinite(stop - start)
+                    and math.isfinite((stop - start) / step)):
                 raise ValueError
             count = math.floor((stop - start) / step + 1e-9) + 1
             values = [round(start + i * step, 10) for i in range(min(count, MAX_ALPHAS + 1))]
         else:
             values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise AlphaError(f"--alpha {text!r}: expected START:STOP:STEP with STEP > 0 and "
-                         "STOP >= START (e.g. 0.1:0.9:0.1) or numbers separated by commas"
+    except (ValueError, OverflowError):
+        raise AlphaError(f"--alpha {text!r}: expected START:STOP:STEP, finite, with STEP > 0 "
+                         "and STOP >= START (e.g. 0.1:0.9:0.1) or numbers separated by commas"
                          ) from None
     if not values:
         raise AlphaError(f"--alpha {text!r}: no alpha given")
@@ -143,12 +145,26 @@ def run(args: argparse.Namespace) -> int:
         lambda line: print(f"modkern sweep: {line}", file=sys.stderr, flush=True))
     if args.mixture:
         from .sweep_run import run_mixture
-        result = run_mixture(args, grid, examples, log)
+        result, per_layer = run_mixture(args, grid, examples, log), None
     else:
         from .sweep_run import run_merge
-        result = run_merge(args, grid, examples, log)
-    if args.plot is not None:
-        result.plot(args.plot)
+        result, per_layer = run_merge(args, grid, examples, log)
+    if args.plot is not None:  # before the best merge: a plot that fails leaves no OUT
+        save_plot(result, args.plot)
         print(f"plot: {args.plot}")
+    if args.out is not None:
+        from .sweep_run import write_best
+        write_best(args, result, per_layer)
     return 0
+
+
+def save_plot(result, path: Path) -> None:
+    """result.plot into a temporary file beside `path`, renamed over it when complete."""
+    path = path.absolute()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        result.plot(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 

@@ -21,9 +21,10 @@ def progress(log: Log) -> Callable[[SweepRow], None]:
 
 
 def run_merge(args: argparse.Namespace, grid: list[float], examples: list[Example],
-              log: Log) -> SweepResult:
+              log: Log) -> tuple[SweepResult, object]:
     """Sweep the MoD merge over `grid` (descending, so every element is written at most
-    once), print the table (and the per-layer search), write --out."""
+    once), print the table (and the per-layer search); the result and the per-layer
+    search (None without --per-layer), for write_best."""
     from ..checkpoint.report import format_bytes
     from ..checkpoint.sweep import open_checkpoint_sweep
     from ..evaluation.per_layer import refine_per_layer
@@ -56,9 +57,7 @@ def run_merge(args: argparse.Namespace, grid: list[float], examples: list[Exampl
         print(note)
     if per_layer is not None:
         print(per_layer.summary())
-    if args.out is not None:
-        write_best(args, result, per_layer)
-    return result
+    return result, per_layer
 
 
 def write_best(args: argparse.Namespace, result: SweepResult, per_layer) -> None:

@@ -22,7 +22,7 @@ from ..checkpoint.publish import publish, temp_folder
 from ..checkpoint.recipe import sha256_file, write_recipe
 from ..errors import CheckpointError, DTypeError
 from ..ops.kd_inputs import check_options, check_weights
-from .data import read_jsonl
+from .data import read_prompt_answers
 from .models import (ModelError, check_folder, check_head, check_same_tokenizer,
                      load_model, load_tokenizer, quiet_transformers)
 from .train import DistillConfig, TrainResult, train
@@ -106,7 +106,7 @@ def distill_checkpoints(student_dir, teacher_dirs: Sequence, data, out, *,
     inputs.update((f"teacher {i + 1}", t.resolve()) for i, t in enumerate(teacher_dirs))
     check_out_folder(job.out, inputs, force)
     check_options(config.temperature, config.kind, None)
-    examples = read_jsonl(job.data)
+    examples = read_prompt_answers(job.data)
     with quiet_transformers():
         return _train_and_publish(job, examples, progress, log)
 

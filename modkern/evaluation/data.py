@@ -1,9 +1,12 @@
-"""Prompt/answer evaluation data: a JSON Lines file, one example per line,
+"""Prompt/answer data, for scoring (modkern sweep) and for training (modkern distill): a
+JSON Lines file, one example per line,
 
     {"prompt": "57+8=", "answer": "65", "task": "addition"}
 
-with `task` optional (scores are then given per task and as their mean). Blank lines are
-skipped. A malformed file raises one DataError naming file:line and the field.
+with "response" accepted for "answer" (one of the two) and `task` optional (scores are then
+given per task and as their mean). Blank lines are skipped; lines end at "\n" only (JSON
+strings may hold U+2028 and the like raw), a leading byte-order mark is allowed. A
+malformed file raises one DataError naming file:line and the field.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from ..errors import DataError
 
 MEAN = "mean"  # the key of the mean over tasks in every score dict (no task may be named so)
 UNTAGGED = "untagged"  # the task of lines without one, when other lines have one
+TARGETS = ("answer", "response")  # the names the text after the prompt may go by
+EXAMPLE_LINE = '{"prompt": "2+2=", "answer": "4"}'
 
 
 @dataclass(frozen=True)
@@ -38,13 +43,13 @@ def read_prompt_answers(path: str | os.PathLike) -> list[Example]:
     that is not a non-empty string (or is named "mean"), and a file with no example."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as err:
         reason = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
         raise DataError(f"{path}: cannot read: {reason}; expected a JSON Lines file of "
                         '{"prompt": ..., "answer": ...} objects') from None
     examples = [example_from_line(line, f"{path}:{number}")
-                for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+                for number, line in enumerate(text.split("\n"), start=1) if line.strip()]
     if not examples:
         raise DataError(f"{path}: no examples; expected one JSON object per line with "
                         '"prompt" and "answer" strings')
@@ -53,27 +58,55 @@ def read_prompt_answers(path: str | os.PathLike) -> list[Example]:
 
 def example_from_line(line: str, where: str) -> Example:
     """One line of the file as an Example (DataError naming `where` and the field)."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{where}: not JSON ({err.msg} at column {err.colno}); expected "
-                        'an object such as {"prompt": "2+2=", "answer": "4"}') from None
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: a JSON {type(record).__name__}, expected an object with "
-                        '"prompt" and "answer"')
-    for field in ("prompt", "answer"):
-        if field not in record:
-            raise DataError(f'{where}: field "{field}" is missing; expected a string')
-        if not isinstance(record[field], str):
-            raise DataError(f'{where}: field "{field}" is a {type(record[field]).__name__}, '
-                            "expected a string")
-    if not record["answer"]:
-        raise DataError(f'{where}: field "answer" is empty; expected the text to score')
+    record = _json_object(line, where)
+    given = [f for f in TARGETS if f in record]
+    if len(given) > 1:
+        raise DataError(f'{where}: both "answer" and "response" given; expected one of them')
+    prompt = _text(record, "prompt", where)
+    answer = _text(record, given[0] if given else "answer", where)
+    if not answer:
+        raise DataError(f'{where}: field "{given[0]}" is empty; expected the text that '
+                        "follows the prompt")
     task = record.get("task")
     if task is not None and (not isinstance(task, str) or not task or task == MEAN):
         raise DataError(f'{where}: field "task" is {task!r}; expected a non-empty string '
                         f'other than "{MEAN}"')
-    return Example(record["prompt"], record["answer"], task, where)
+    if task is not None:
+        _text(record, "task", where)
+    return Example(prompt, answer, task, where)
+
+
+def _json_object(line: str, where: str) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where}: not JSON ({err.msg} at column {err.colno}); expected "
+                        f"an object such as {EXAMPLE_LINE}") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply; expected an object such as "
+                        f"{EXAMPLE_LINE}") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: a JSON {type(record).__name__}, expected an object such "
+                        f"as {EXAMPLE_LINE}")
+    return record
+
+
+def _text(record: dict, field: str, where: str) -> str:
+    """record[field], a string a tokenizer can take (UTF-8: no lone surrogates)."""
+    if field not in record:
+        name = '"answer" (or "response")' if field == "answer" else f'"{field}"'
+        raise DataError(f"{where}: field {name} is missing; expected a string")
+    value = record[field]
+    if not isinstance(value, str):
+        raise DataError(f'{where}: field "{field}" is a {type(value).__name__}, expected a '
+                        "string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise DataError(f'{where}: field "{field}" holds {value[err.start]!r} at character '
+                        f"{err.start}, a lone surrogate; expected text that is valid "
+                        "Unicode") from None
+    return value
 
 
 def task_names(examples: list[Example]) -> list[str]:
