@@ -106,3 +106,16 @@ def test_help_documents_every_option(command):
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     for action in sub.choices[command]._actions:
         assert action.help, f"option {action.option_strings} has no help text"
+
+
+def test_validation_split_shares_no_prompt_with_the_test_split():
+    from modkern.demo.sweep_step import validation_split
+
+    tests = {p for i, t in enumerate((TASK_A, TASK_B))
+             for p, _ in held_out(t, 200, seed=10_000 + i)}
+    validation = validation_split((TASK_A, TASK_B), 100, tests)
+    prompts = [e.prompt for e in validation]
+    assert len(prompts) == 200 and len(set(prompts)) == 200
+    assert not set(prompts) & tests
+    # without the exclusion these seeds do draw test prompts: the check has teeth
+    assert set(e.prompt for e in validation_split((TASK_A, TASK_B), 100, set())) & tests

@@ -91,10 +91,11 @@ class _Run:
         self.tok = char_tokenizer(ALPHABET)
         self.evals = {t.name: held_out(t, config.eval_examples, seed=10_000 + i)
                       for i, t in enumerate((TASK_A, TASK_B))}
-        self.validation = validation_split((TASK_A, TASK_B), max(16, config.eval_examples // 2))
+        tests = {p for exs in self.evals.values() for p, _ in exs}
+        self.validation = validation_split((TASK_A, TASK_B), max(16, config.eval_examples // 2),
+                                           tests)
         # no training prompt is a test or validation prompt
-        self.excluded = {p for exs in self.evals.values() for p, _ in exs} | \
-            {e.prompt for e in self.validation}
+        self.excluded = tests | {e.prompt for e in self.validation}
         self.rows: list[Row] = []
 
     def score(self, name: str, method: str, alpha: float | None, model) -> None:

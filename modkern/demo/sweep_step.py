@@ -26,10 +26,11 @@ GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05, 0.10, ..., 0.95
 SEED = 20_000  # validation prompts: other seeds than the test prompts' (10_000 + i)
 
 
-def validation_split(tasks: tuple[Task, ...], n: int) -> list[Example]:
-    """n validation examples of each task (distinct prompts)."""
+def validation_split(tasks: tuple[Task, ...], n: int,
+                     test_prompts: set[str]) -> list[Example]:
+    """n validation examples of each task (distinct prompts), none of them a test prompt."""
     return [Example(prompt, answer, task.name) for i, task in enumerate(tasks)
-            for prompt, answer in held_out(task, n, seed=SEED + i)]
+            for prompt, answer in held_out(task, n, seed=SEED + i, exclude=test_prompts)]
 
 
 @dataclass

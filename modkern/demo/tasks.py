@@ -49,9 +49,10 @@ TASK_B = Task("reversal", reversal)
 
 # ---------------------------------------------------------------- data and training
 
-def held_out(task: Task, n: int, seed: int) -> list[Example]:
-    """n distinct evaluation examples of `task`."""
-    rng, seen, out = random.Random(seed), set(), []
+def held_out(task: Task, n: int, seed: int,
+             exclude: frozenset[str] | set[str] = frozenset()) -> list[Example]:
+    """n distinct evaluation examples of `task`, none of whose prompts is in `exclude`."""
+    rng, seen, out = random.Random(seed), set(exclude), []
     for _ in range(100 * n):
         prompt, answer = task.make(rng)
         if prompt not in seen:
