@@ -123,12 +123,22 @@ def selected_in_blocks(flat: torch.Tensor, v: torch.Tensor,
     n_full = flat.numel() // BLOCK
     whole = blocks[blocks < n_full]
     rows = flat[:n_full * BLOCK].view(-1, BLOCK).index_select(0, whole)
-    r, c = torch.nonzero(rows >= v, as_tuple=True)
+    r, c = torch.nonzero(at_least(rows, v), as_tuple=True)
     idx = whole[r] * BLOCK + c
     if blocks.numel() and int(blocks[-1]) == n_full:  # the ragged last block
-        tail = torch.nonzero(flat[n_full * BLOCK:] >= v).flatten() + n_full * BLOCK
+        tail = torch.nonzero(at_least(flat[n_full * BLOCK:], v)).flatten() + n_full * BLOCK
         idx = torch.cat([idx, tail])
     return idx
+
+
+def at_least(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Where the finite float tensor x is >= v (1 element of x's dtype). For v > 0 the
+    compare runs on the bits as integers (the same order there: every negative float's
+    bits are negative integers), about 2x faster than a float compare on bf16."""
+    if bool(v > 0):
+        as_int = INT_OF_SIZE[x.element_size()]
+        return x.view(as_int) >= v.reshape(1).view(as_int)
+    return x >= v
 
 
 def hot_group_sizes(hot: torch.Tensor) -> list[int]:
@@ -161,7 +171,7 @@ def hot_group(flat: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor) -> HotG
     b0, b1 = int(blocks[0]), int(blocks[-1]) + 1
     start, stop = b0 * BLOCK, min(b1 * BLOCK, flat.numel())
     if b1 - b0 == blocks.numel():  # consecutive blocks: no gather, no index yet
-        take = flat[start:stop] >= v
+        take = at_least(flat[start:stop], v)
         return HotGroup(b0, b1, start, stop, int(torch.count_nonzero(take)),
                         lambda: torch.nonzero(take).flatten() + start)
     idx = selected_in_blocks(flat, v, blocks)
@@ -187,7 +197,7 @@ def patch_where(dst: torch.Tensor, t2: torch.Tensor, v: torch.Tensor) -> tuple[i
     wherever dst >= v, by masks over the whole range (for ranges that take many). Nothing
     is written if a selected value is not finite. Returns (elements taken, index in dst of
     the first non-finite selected value or -1)."""
-    take = dst >= v.reshape(1).to(dst.dtype)
+    take = at_least(dst, v.reshape(1).to(dst.dtype))
     values = t2.to(dst.dtype)
     bad = take & nonfinite(values)
     if bool(bad.any()):
