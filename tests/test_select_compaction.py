@@ -44,7 +44,8 @@ def check(flat: torch.Tensor, alpha: float, precision: str = "exact") -> None:
     np.testing.assert_array_equal(got.numpy(),
                                   np.flatnonzero(take_mask(flat.cpu(), alpha, precision)))
     v = select_threshold(flat.min(), flat.max(), alpha, precision).reshape(1)
-    chunks = list(select_torch.selected_chunks(flat, v, select_torch.hot_blocks(flat, v)))
+    hot = select_torch.hot_blocks(select_torch.minmax(flat)[1], v)
+    chunks = list(select_torch.selected_chunks(flat, v, hot))
     assert torch.equal(got, torch.cat(chunks).cpu() if chunks else got[:0])
 
 

@@ -13,6 +13,7 @@ import torch
 
 from ..backends import resolve_backend
 from ..ops import select_engine
+from ..ops.output_memory import empty_output
 from ..ops.select_context import SelectContext
 from ..ops.select_pipeline import SelectResult, select_into, select_packed
 from .counts import MergeStats
@@ -70,7 +71,7 @@ def with_outputs(units: list[Unit], sd1: Mapping[str, torch.Tensor]) -> dict[str
     outputs = {}
     for u in units:
         whole = sd1[u.name]
-        out = torch.empty(whole.shape, dtype=whole.dtype, device=whole.device)
+        out = empty_output(whole.shape, whole.dtype, whole.device)
         rows = u.t1.shape[0] if u.t1.shape != whole.shape else None
         if rows is not None:
             out[rows:].copy_(whole[rows:])

@@ -14,6 +14,7 @@ import torch
 from ..backends import resolve_backend
 from ..checks import check_alpha, check_precision
 from . import select_engine
+from .output_memory import empty_output
 from .select_context import SelectContext
 from .select_pipeline import select_inplace, select_into
 from .tensor_memory import shares_memory, view_key, write_mode
@@ -61,7 +62,7 @@ def mod_select(t1: torch.Tensor, t2: torch.Tensor, alpha: float, *, backend: str
             return out
         usable = out is not None and out.is_contiguous() and not shares_memory(out, t1) \
             and not shares_memory(out, t2)
-        dst = out if usable else torch.empty(t1.shape, dtype=t1.dtype, device=t1.device)
+        dst = out if usable else empty_output(t1.shape, t1.dtype, t1.device)
         select_into(dst, t1, t2, alpha, precision=precision, engine=engine, context=context)
         if out is not None and dst is not out:
             out.copy_(dst)

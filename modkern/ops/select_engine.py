@@ -1,7 +1,7 @@
 """The engines that run the passes of the weight select, behind one protocol.
 
-The select pipeline (select_pipeline.py) asks an engine for: the per-block min and max of
-t1 (copying t1 to the output on the way, out of place), the fused patch (take model 2's
+The select pipeline (select_pipeline.py) asks an engine for: the min and the per-block max
+of t1 (copying t1 to the output on the way, out of place), the fused patch (take model 2's
 elements where `t1 >= v`, reading model 2 from a tensor in the same pass), and, for
 sources read from a file, the hot blocks in groups, each with its count of elements to
 take and, on demand, their sorted indices (`groups`; `selected` gives just the indices).
@@ -36,8 +36,12 @@ class SelectEngine(Protocol):
 
     def minmax(self, src: torch.Tensor, copy_to: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-block (min, max) of `src` in its dtype, NaN for a block holding a NaN;
-        copies src into `copy_to` when given."""
+        """(mins, block_max) of `src` in its dtype: the min of each of some consecutive
+        parts of src (per block, or per larger chunk: only their min is used) and the max
+        of each BLOCK-sized block, the last one ragged (what `patch`, `selected` and
+        `groups` take as `block_max`); copies src into `copy_to` when given. A NaN in src
+        shows as a NaN in `mins` or in its block's max (callers check both); the maxima of
+        blocks without NaN are exact."""
 
     def patch(self, dst: torch.Tensor, t2: torch.Tensor, v: torch.Tensor,
               block_max: torch.Tensor, atomic: bool = False) -> tuple[int, int]:
@@ -95,11 +99,11 @@ class TorchEngine:
 
     def selected(self, flat, v, block_max):
         v = v.reshape(1).to(flat.dtype)
-        return select_torch.selected_chunks(flat, v, select_torch.hot_blocks(flat, v))
+        return select_torch.selected_chunks(flat, v, select_torch.hot_blocks(block_max, v))
 
     def groups(self, flat, v, block_max):
         v = v.reshape(1).to(flat.dtype)
-        hot = select_torch.hot_blocks(flat, v)
+        hot = select_torch.hot_blocks(block_max, v)
         for blocks in hot.split(select_torch.hot_group_sizes(hot)):
             yield select_torch.hot_group(flat, v, blocks)
 

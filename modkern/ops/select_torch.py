@@ -3,14 +3,13 @@ passes (modkern.ops.select_engine.TorchEngine drives them).
 
 The formula is `where(t1 < v, t1, t2)` with v from `select_threshold` (see
 select_reference.py for why that is exact). The work is arranged around memory traffic;
-every pass is one vectorized torch op over t1's raw bits, never a float32 copy:
+every pass is a few vectorized torch ops, never a float32 copy:
 
-1. `minmax`: t1's global min and max (one read) and, out of place, a plain copy of t1
-   into the output (one read, one write);
-2. `hot_blocks`: the maximum of every 4096-element block, taken on t1's bits viewed as
-   integers (for v > 0 the integer order of the bits is the float order: one fast read);
-   then `selected_chunks`: in the few blocks that reach v, the elements to take, a bounded
-   group of blocks at a time. Model 2 is then read at just those elements (see
+1. `minmax`: one pass over t1, chunk by chunk, that takes each chunk's min and the max of
+   every 4096-element block and, out of place, copies t1 into the output on the way;
+2. `hot_blocks`: the blocks whose max reaches v (no pass over t1: their maxima are known),
+   then `selected_chunks`: in those few blocks, the elements to take, a bounded group of
+   blocks at a time. Model 2 is then read at just those elements (see
    select_source.take_at). At alpha 0.9 about 1e-5 of the elements come from t2, so t2 is
    barely touched.
 
@@ -38,33 +37,75 @@ SPAN_GROUP = 1024
 # Up to this many elements, evaluating the formula itself costs less than the threshold
 # search (about 0.3 ms of small torch ops): norms and biases take that path.
 DIRECT_MAX = 1 << 14
+# The min/max pass goes through t1 by chunks of this many bytes: a chunk is read from
+# memory once (copied, out of place) and its min and block maxima are taken from the cache.
+# Measured on a 2-vCPU EPYC VM (bench/results/cpu_select.md): 1 to 8 MB within a few %,
+# smaller chunks pay more per-op overhead, larger ones fall out of the caches.
+CHUNK_BYTES = 4 << 20
 
 
 def minmax(src: torch.Tensor, copy_to: torch.Tensor | None = None
            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(min, max) of the contiguous 1-D `src`, each as a 1-element tensor of its dtype,
-    copying src into `copy_to` when given."""
-    lo, hi = torch.aminmax(src)
-    if copy_to is not None:
-        copy_to.copy_(src)
-    return lo.reshape(1), hi.reshape(1)
+    """(mins, block_max) of the contiguous 1-D `src`: the minimum of each chunk of it (only
+    their min is meant to be used; NaN where a chunk holds one) and the maximum of each
+    BLOCK-sized block (the last one ragged), in src's dtype; copies src into `copy_to`
+    when given. A block holding a NaN may show a number as its max: its chunk's min is
+    NaN then.
+
+    One pass, chunk by chunk on the CPU: each chunk is copied, then its min and its blocks'
+    maxima are taken while it is still in the cache (memory is read once)."""
+    n = src.numel()
+    if n == 0:
+        return src[:0].clone(), src[:0].clone()
+    step = n if src.device.type != "cpu" else max(
+        BLOCK, CHUNK_BYTES // (src.element_size() * BLOCK) * BLOCK)
+    bits = src.view(INT_OF_SIZE[src.element_size()])
+    top = torch.empty(-(-n // BLOCK), dtype=bits.dtype, device=src.device)
+    mins = []
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        if copy_to is not None:
+            copy_to[start:stop].copy_(src[start:stop])
+        mins.append(torch.min(src[start:stop]))  # NaN-propagating, vectorized
+        largest_bits(bits, start, stop, top)
+    negative_blocks_max(bits, top)
+    return torch.stack(mins), top.view(src.dtype)
 
 
-def hot_blocks(flat: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Indices of the BLOCK-sized blocks of `flat` that hold an element >= v."""
-    n = flat.numel()
-    full = n // BLOCK * BLOCK
-    if bool(v > 0):
-        # Finite floats and their bits share one order on the non-negative side, and every
-        # negative float's bits are negative integers: for v > 0, x >= v <=> bits(x) >= bits(v).
-        as_int = INT_OF_SIZE[flat.element_size()]
-        bits, threshold = flat.view(as_int), v.reshape(1).view(as_int)
-    else:
-        bits, threshold = flat, v.reshape(1)
-    maxima = bits[:full].view(-1, BLOCK).amax(dim=1)
-    if full < n:
-        maxima = torch.cat([maxima, bits[full:].amax().reshape(1)])
-    return torch.nonzero(maxima >= threshold).flatten()
+def largest_bits(bits: torch.Tensor, start: int, stop: int, top: torch.Tensor) -> None:
+    """The largest bit pattern (as a signed integer) of each block of bits[start:stop]
+    (start a multiple of BLOCK), into `top` at its blocks. The bits of a non-negative float
+    are non-negative integers in the float order, so where a block holds one this is its
+    max (+inf, or a NaN above it). Integer reductions: several times faster than float ones
+    on bf16/fp16."""
+    whole = min(stop, bits.numel() // BLOCK * BLOCK)
+    if whole > start:
+        torch.amax(bits[start:whole].view(-1, BLOCK), dim=1,
+                   out=top[start // BLOCK:whole // BLOCK])
+    if whole < stop:  # the ragged last block
+        torch.amax(bits[whole:stop], dim=0, out=top[-1])
+
+
+def negative_blocks_max(bits: torch.Tensor, top: torch.Tensor) -> None:
+    """Fix `top` (from `largest_bits`) for the blocks of negatives only: their bits are
+    negative integers that grow with the magnitude, so their max, the negative nearest
+    zero, is their smallest pattern. Such blocks are rare in weights: only they are read
+    again."""
+    negative = torch.nonzero(top < 0).flatten()
+    if negative.numel() == 0:
+        return
+    n_full = bits.numel() // BLOCK
+    whole = negative[negative < n_full]
+    if whole.numel():
+        rows = bits[:n_full * BLOCK].view(-1, BLOCK).index_select(0, whole)
+        top[whole] = rows.amin(dim=1)
+    if int(negative[-1]) == n_full:  # the ragged last block
+        top[-1] = bits[n_full * BLOCK:].amin()
+
+
+def hot_blocks(block_max: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Indices of the blocks (maxima `block_max`, from `minmax`) that hold an element >= v."""
+    return torch.nonzero(block_max >= v.reshape(1).to(block_max.dtype)).flatten()
 
 
 def selected_chunks(flat: torch.Tensor, v: torch.Tensor, hot: torch.Tensor
@@ -82,12 +123,22 @@ def selected_in_blocks(flat: torch.Tensor, v: torch.Tensor,
     n_full = flat.numel() // BLOCK
     whole = blocks[blocks < n_full]
     rows = flat[:n_full * BLOCK].view(-1, BLOCK).index_select(0, whole)
-    r, c = torch.nonzero(rows >= v, as_tuple=True)
+    r, c = torch.nonzero(at_least(rows, v), as_tuple=True)
     idx = whole[r] * BLOCK + c
     if blocks.numel() and int(blocks[-1]) == n_full:  # the ragged last block
-        tail = torch.nonzero(flat[n_full * BLOCK:] >= v).flatten() + n_full * BLOCK
+        tail = torch.nonzero(at_least(flat[n_full * BLOCK:], v)).flatten() + n_full * BLOCK
         idx = torch.cat([idx, tail])
     return idx
+
+
+def at_least(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Where the finite float tensor x is >= v (1 element of x's dtype). For v > 0 the
+    compare runs on the bits as integers (the same order there: every negative float's
+    bits are negative integers), about 2x faster than a float compare on bf16."""
+    if bool(v > 0):
+        as_int = INT_OF_SIZE[x.element_size()]
+        return x.view(as_int) >= v.reshape(1).view(as_int)
+    return x >= v
 
 
 def hot_group_sizes(hot: torch.Tensor) -> list[int]:
@@ -120,7 +171,7 @@ def hot_group(flat: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor) -> HotG
     b0, b1 = int(blocks[0]), int(blocks[-1]) + 1
     start, stop = b0 * BLOCK, min(b1 * BLOCK, flat.numel())
     if b1 - b0 == blocks.numel():  # consecutive blocks: no gather, no index yet
-        take = flat[start:stop] >= v
+        take = at_least(flat[start:stop], v)
         return HotGroup(b0, b1, start, stop, int(torch.count_nonzero(take)),
                         lambda: torch.nonzero(take).flatten() + start)
     idx = selected_in_blocks(flat, v, blocks)
@@ -146,7 +197,7 @@ def patch_where(dst: torch.Tensor, t2: torch.Tensor, v: torch.Tensor) -> tuple[i
     wherever dst >= v, by masks over the whole range (for ranges that take many). Nothing
     is written if a selected value is not finite. Returns (elements taken, index in dst of
     the first non-finite selected value or -1)."""
-    take = dst >= v.reshape(1).to(dst.dtype)
+    take = at_least(dst, v.reshape(1).to(dst.dtype))
     values = t2.to(dst.dtype)
     bad = take & nonfinite(values)
     if bool(bad.any()):
