@@ -76,7 +76,8 @@ def test_bare_alpha_is_refused_saying_to_give_a_list():
 def test_state_dicts_instead_of_models_are_a_dtype_error(which):
     models = [Strided(0), Strided(1)]
     models[which] = models[which].state_dict()
-    with pytest.raises(DTypeError, match=rf"model {which + 1}.*OrderedDict.*nn.Module.*sweep_merges"):
+    expect = rf"model {which + 1}.*OrderedDict.*nn.Module.*sweep_merges"
+    with pytest.raises(DTypeError, match=expect):
         modkern.sweep(*models, [0.5], lambda m: 0.0)
     with pytest.raises(DTypeError, match=rf"model {which + 1}"):
         modkern.sweep_mixture(*models, [0.5], None)

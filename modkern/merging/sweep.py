@@ -1,5 +1,6 @@
-"""Sweeping a merge over alpha (docs/design.md 1.3): `sweep_merges` over two state dicts, and
-`MergeSweep`, the state behind it, which the model and checkpoint sweeps share.
+"""Sweeping a merge over alpha (docs/design.md 1.3): `sweep_merges` over two state dicts (its
+steps a `MergeSteps` iterator), and `MergeSweep`, the state behind it, which the model and
+checkpoint sweeps share.
 
 Every step equals `merge_state_dicts` at that step's alpha (rule) bit for bit: the same
 plan (merging/plan.py: names, pair checks, alpha per name), the same select pipeline
