@@ -248,3 +248,135 @@ def test_nothing_runs_before_the_first_step():
     assert read == []  # a generator: nothing is read or checked before the first step
     with pytest.raises(KeyMismatchError):
         next(steps)
+
+
+# --- a step that raises can be passed over; inputs checked as merge_state_dicts checks them -
+
+def outcomes(steps, n: int) -> list:
+    """n calls of next(steps): each step's (alpha, copy of merged) or its error."""
+    got = []
+    for _ in range(n):
+        try:
+            alpha, merged = next(steps)
+            got.append((alpha, {k: v.clone() for k, v in merged.items()}))
+        except modkern.ModkernError as err:
+            got.append(err)
+    return got
+
+
+def assert_like_merges(got: list, sd1, sd2, alphas, **options) -> None:
+    """Each outcome is what merge_state_dicts gives at that alpha: the same merge bit for
+    bit, or an error of the same type and message."""
+    assert len(got) == len(alphas)
+    for k, (outcome, alpha) in enumerate(zip(got, alphas)):
+        try:
+            expect = modkern.merge_state_dicts(sd1, sd2, alpha, **options)
+        except modkern.ModkernError as err:
+            assert type(outcome) is type(err) and str(outcome) == str(err), f"step {k}"
+            continue
+        assert not isinstance(outcome, Exception), f"step {k} {alpha}: {outcome}"
+        assert outcome[0] is alpha and list(outcome[1]) == list(expect)
+        for name, t in expect.items():
+            if t.is_floating_point():
+                assert_bits_equal(outcome[1][name], t, f"step {k} alpha {alpha}: {name}")
+            else:
+                assert torch.equal(outcome[1][name], t), f"step {k}: {name}"
+
+
+def nan_only_low_alphas_take(seed: int) -> tuple[dict, dict]:
+    """sweep_dicts with a NaN of model 2 where t1 is smallest (taken only at low alphas)."""
+    sd1, sd2 = sweep_dicts(seed, torch.float32)
+    sd2[BIG].view(-1)[int(sd1[BIG].argmin())] = float("nan")
+    return sd1, sd2
+
+
+@pytest.mark.parametrize("alphas", [[1.0, 0.0, 1.0], [0.0, 1.0, 0.95], [0.9, 1.0, 0.0],
+                                    [1.0, 0.0, 0.0, 0.97, 0.0, 1.0]])
+def test_a_step_that_raises_is_passed_over(alphas):
+    sd1, sd2 = nan_only_low_alphas_take(44)
+    steps = modkern.sweep_merges(sd1, sd2, alphas)
+    got = outcomes(steps, len(alphas))
+    assert any(isinstance(g, NonFiniteError) for g in got)
+    assert_like_merges(got, sd1, sd2, alphas)
+    with pytest.raises(StopIteration):
+        next(steps)
+
+
+def test_a_bad_rule_is_passed_over_and_a_for_loop_continues():
+    sd1, sd2 = sweep_dicts(45, torch.bfloat16)
+    alphas = [0.9, {"mlp": 0.5}, 1.5, lambda n: 0.2, 0.0]
+    assert_like_merges(outcomes(modkern.sweep_merges(sd1, sd2, alphas), 5), sd1, sd2, alphas)
+    steps, seen = modkern.sweep_merges(sd1, sd2, alphas), []
+    while True:
+        try:
+            seen.append(next(steps)[0])
+        except AlphaError:
+            continue
+        except StopIteration:
+            break
+    assert seen == [alphas[0], alphas[3], alphas[4]]
+
+
+def test_an_error_of_the_state_dicts_is_raised_by_every_step():
+    sd1, sd2 = sweep_dicts(46)
+    sd1["extra.base"] = torch.ones(3)
+    alphas = [0.9, 0.1]
+    got = outcomes(modkern.sweep_merges(sd1, sd2, alphas), 2)
+    assert all(isinstance(g, KeyMismatchError) for g in got)
+    assert_like_merges(got, sd1, sd2, alphas)
+
+
+@pytest.mark.parametrize("which", [1, 2, 12])
+def test_parameters_give_tensors_without_autograd_history(which):
+    """sd1 (or sd2, or both) from named_parameters(): the merged tensors are plain, as
+    merge_state_dicts returns them, and autograd stays on between steps."""
+    torch.manual_seed(which)
+    models = [torch.nn.Sequential(torch.nn.Linear(9, 7), torch.nn.LayerNorm(7),
+                                  torch.nn.Linear(7, 3)) for _ in range(2)]
+    sds = [dict(m.named_parameters()) if str(i + 1) in str(which)
+           else {k: v.detach() for k, v in m.named_parameters()} for i, m in enumerate(models)]
+    alphas = [0.9, 1.0, 0.3, 0.0]
+    check_sweep(*sds, alphas)
+    for alpha, merged in modkern.sweep_merges(*sds, alphas):
+        assert torch.is_grad_enabled()
+        expect = modkern.merge_state_dicts(*sds, alpha)
+        for k, t in merged.items():
+            assert (t.requires_grad, t.grad_fn) == (expect[k].requires_grad, None), k
+
+
+@pytest.mark.parametrize("alphas", [0.5, 1, torch.tensor(0.5), {"*": 0.5}, lambda n: 0.5,
+                                    "0.5"])
+def test_a_single_alpha_is_refused_saying_to_give_a_list(alphas):
+    sd1, sd2 = sweep_dicts(47)
+    with pytest.raises(AlphaError, match=r"list of alphas.*give \["):
+        modkern.sweep_merges(sd1, sd2, alphas)
+    check_sweep(sd1, sd2, [0.5])  # the list form works
+    check_sweep(sd1, sd2, torch.tensor([0.5, 0.25]).tolist())
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_modules_instead_of_state_dicts_are_a_dtype_error(which):
+    models = [torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)]
+    sds = [m.state_dict() for m in models]
+    sds[which] = models[which]
+    with pytest.raises(modkern.DTypeError, match=rf"model {which + 1}.*Linear.*state_dict"):
+        next(modkern.sweep_merges(*sds, [0.5]))
+    with pytest.raises(modkern.DTypeError) as want:
+        modkern.merge_state_dicts(*sds, 0.5)
+    with pytest.raises(modkern.DTypeError) as got:
+        next(modkern.sweep_merges(*sds, [0.5]))
+    assert str(got.value) == str(want.value)
+
+
+def test_many_names_and_per_name_rules_set_up_in_one_pass():
+    """Many tensors (and tied ones, and rules giving each name its own alphas in different
+    orders): every step still equals merge_state_dicts."""
+    g = torch.Generator().manual_seed(48)
+    names = [f"model.layers.{i}.w" for i in range(300)]
+    sd1 = {n: torch.randn(5, generator=g) for n in names}
+    sd2 = {n: torch.randn(5, generator=g) for n in names}
+    sd1["tied"] = sd1[names[7]]
+    sd2["tied"] = torch.randn(5, generator=g)
+    rules = [lambda n: (hash(n) % 7) / 7, 0.5, lambda n: None if n.endswith("9.w") else 0.1,
+             {"*.1*": 0.9, "*": 0.3}, 0.5]
+    check_sweep(sd1, sd2, rules)

@@ -80,6 +80,8 @@ class SweepResult:
 
     @property
     def objective(self) -> str:
+        """The name of the score that picks the best row (see the class docstring), from
+        the first row's scores."""
         return objective_of(self.rows[0].scores) if self.rows else MEAN
 
     def value(self, row: SweepRow) -> float:
@@ -95,6 +97,7 @@ class SweepResult:
 
     @property
     def best_alpha(self) -> object:
+        """The alpha (or alpha rule) of the best row; ModkernError when there are no rows."""
         return self.best.alpha
 
     def table(self) -> str:
@@ -118,11 +121,13 @@ class SweepResult:
         return "\n".join(lines)
 
     def records(self) -> list[dict]:
+        """The rows as plain JSON-able dicts (SweepRow.record), in the order run."""
         return [r.record() for r in self.rows]
 
     def plot(self, path: str | os.PathLike, *, title: str | None = None) -> Path:
         """Save the scores against alpha as a png (the best alpha marked); needs
         matplotlib (pip install 'modkern[demo]')."""
+        check_plottable(self)
         plt = pyplot()
         fig, ax = plt.subplots(figsize=(6.5, 4))
         draw(ax, self)
@@ -142,7 +147,10 @@ def objective_of(scores: Mapping[str, float]) -> str:
 
 
 def objective_value(scores: Mapping[str, float]) -> float:
-    """The value of the objective of `scores` (higher is better; NaN ranks last)."""
+    """The value of the objective of `scores` (higher is better; NaN and no scores rank
+    last)."""
+    if not scores:
+        return -math.inf
     key = objective_of(scores)
     v = scores[key] if key in scores else sum(scores.values()) / len(scores)
     return -math.inf if math.isnan(v) else v
@@ -167,9 +175,26 @@ def pyplot():
     return plt
 
 
+def check_plottable(result: SweepResult) -> None:
+    """ModkernError unless `result` has rows and every row has the scores of the first
+    (each is one line of the plot)."""
+    if not result.rows:
+        raise ModkernError(f"cannot plot the {result.method} sweep: it has no rows (give at "
+                           "least one alpha)")
+    keys = list(result.rows[0].scores)
+    for row in result.rows[1:]:
+        missing = [k for k in keys if k not in row.scores]
+        if missing:
+            raise ModkernError(f"cannot plot the {result.method} sweep: the row of alpha "
+                               f"{row.label} has no score {missing[0]!r}, which the first "
+                               f"row has; every row needs the scores {keys}")
+
+
 def draw(ax, result: SweepResult, *, label_prefix: str = "") -> None:
     """Plot each score of `result` against alpha on `ax` and mark the best alpha (rules
-    are plotted by step number)."""
+    are plotted by step number); ModkernError when there is nothing to plot or rows lack
+    a score (check_plottable)."""
+    check_plottable(result)
     numeric = all(isinstance(r.alpha, float | int) for r in result.rows)
     xs = [r.alpha if numeric else i for i, r in enumerate(result.rows)]
     order = sorted(range(len(xs)), key=lambda i: xs[i])

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..errors import DataError
+from ..errors import DataError, OptionError
 from .data import MEAN, Example, read_prompt_answers, task_names, task_of
 
 Scores = dict[str, float]
@@ -71,6 +71,12 @@ class EvalSet:
     add_eos: bool = False
     _encoded: dict = field(default_factory=dict, repr=False)
 
+    def __post_init__(self) -> None:
+        size = self.batch_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise OptionError(f"EvalSet: batch_size must be a whole number >= 1 (examples "
+                              f"per forward), got {size!r}")
+
     @classmethod
     def from_file(cls, path, tokenizer, **options) -> "EvalSet":
         """An EvalSet of a prompt/answer JSON Lines file (read_prompt_answers)."""
@@ -78,6 +84,8 @@ class EvalSet:
 
     @property
     def tasks(self) -> list[str]:
+        """The examples' task names in order of first appearance, [] when no example names
+        one (data.task_names: untagged examples then form a task of their own)."""
         return task_names(self.examples)
 
     def batches(self, with_answers: bool = True) -> list[Batch]:
@@ -147,6 +155,7 @@ def target_logits(model: torch.nn.Module, batch: Batch
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter (where its inputs go)."""
     return next(model.parameters()).device
 
 
@@ -156,7 +165,9 @@ class TaskTotals:
     def __init__(self, tasks: list[str]):
         self.tasks = tasks
         n = max(len(tasks), 1)
-        self.sums, self.counts = torch.zeros(n, dtype=torch.float64), torch.zeros(n)
+        # float64 counts: exact to 2**53 tokens (float32 stops counting at 2**24)
+        self.sums = torch.zeros(n, dtype=torch.float64)
+        self.counts = torch.zeros(n, dtype=torch.float64)
 
     def add(self, values: torch.Tensor, task_numbers: torch.Tensor) -> None:
         values = values.detach().double().cpu()

@@ -11,9 +11,10 @@ from collections.abc import Callable, Iterable
 import torch
 
 from ..checks import check_alpha
-from ..errors import OptionError
+from ..errors import DTypeError, OptionError
 from ..merging.patterns import AlphaRule
-from ..merging.sweep import MergeSweep, SweepInputs
+from ..merging.sweep import MergeSweep, SweepInputs, check_steps
+from ..ops.select_context import MODELS
 from .result import SweepResult, SweepRow, scores_of
 from .scoring import EvalSet, TaskTotals, target_logits, token_logprobs
 
@@ -26,7 +27,8 @@ def sweep(model1: torch.nn.Module, model2: torch.nn.Module, alphas: Iterable[Alp
           **merge_options) -> SweepResult:
     """Score the MoD merge of two models at every alpha, at the cost of what changes.
 
-    One working copy of model 1 (copy.deepcopy) has its parameters patched in place, under
+    One working copy of model 1 (copy.deepcopy, its parameters and buffers made
+    contiguous) has its parameters (and floating-point buffers) patched in place, under
     torch.no_grad, to `merge_state_dicts(model1.state_dict(), model2.state_dict(), alpha,
     **merge_options)` at each step (sweep_merges' bit-identity), then `score(copy)` is
     called (also under no_grad) and must return a float or a dict of floats (e.g. per task
@@ -34,8 +36,8 @@ def sweep(model1: torch.nn.Module, model2: torch.nn.Module, alphas: Iterable[Alp
     model2 are never modified.
 
     Args:
-        alphas: floats in [0, 1] or alpha rules (see sweep_merges); monotone orders are the
-            cheapest.
+        alphas: a list of floats in [0, 1] or alpha rules (see sweep_merges; a single
+            alpha is refused: give `[alpha]`); monotone orders are the cheapest.
         score: a function of the merged model (higher is better).
         on_row: called with each row as soon as it is scored (e.g. to print progress).
         merge_options: include, exclude, precision, strict, backend (as merge_state_dicts).
@@ -43,6 +45,8 @@ def sweep(model1: torch.nn.Module, model2: torch.nn.Module, alphas: Iterable[Alp
     Returns a SweepResult: a row per alpha (scores, elements taken from model 2, seconds),
     `best`/`best_alpha`, `table()` and `plot(path)`.
     """
+    check_steps(alphas, "sweep")
+    check_models(model1, model2, "sweep")
     rules = list(alphas)
     options = check_merge_options(merge_options)
     work = working_copy(model1)
@@ -63,12 +67,22 @@ def check_merge_options(options: dict) -> dict:
     return options
 
 
+def check_models(model1: object, model2: object, where: str) -> None:
+    """DTypeError unless both models are torch modules (a state dict goes to
+    sweep_merges)."""
+    for label, model in zip(MODELS, (model1, model2)):
+        if not isinstance(model, torch.nn.Module):
+            raise DTypeError(f"{where}: {label} is a {type(model).__name__}; expected a "
+                             "torch.nn.Module (for state dicts use sweep_merges)")
+
+
 def working_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A deep copy of `model` whose parameters are contiguous (patched through flat views)."""
+    """A deep copy of `model` whose parameters and buffers are contiguous (patched through
+    flat views); tensors shared between modules stay shared."""
     work = copy.deepcopy(model)
-    for param in work.parameters():
-        if not param.is_contiguous():
-            param.data = param.data.contiguous()
+    for tensor in [*work.parameters(), *work.buffers()]:
+        if not tensor.is_contiguous():
+            tensor.data = tensor.data.contiguous()
     return work
 
 
@@ -111,6 +125,8 @@ def sweep_mixture(model1: torch.nn.Module, model2: torch.nn.Module, alphas: Iter
     mixing, the forwards are in `notes`)."""
     from ..ops.mix import mix_logits
 
+    check_steps(alphas, "sweep_mixture")
+    check_models(model1, model2, "sweep_mixture")
     alphas = [check_alpha(a, "sweep_mixture alpha") for a in alphas]
     totals = [TaskTotals(data.tasks) for _ in alphas]
     mixing = [0.0] * len(alphas)

@@ -1,5 +1,6 @@
-"""Sweeping a merge over alpha (docs/design.md 1.3): `sweep_merges` over two state dicts, and
-`MergeSweep`, the state behind it, which the model and checkpoint sweeps share.
+"""Sweeping a merge over alpha (docs/design.md 1.3): `sweep_merges` over two state dicts (its
+steps a `MergeSteps` iterator), and `MergeSweep`, the state behind it, which the model and
+checkpoint sweeps share.
 
 Every step equals `merge_state_dicts` at that step's alpha (rule) bit for bit: the same
 plan (merging/plan.py: names, pair checks, alpha per name), the same select pipeline
@@ -10,6 +11,7 @@ from a `ValueSource`), the same errors at the same step. Each tensor is a `Tenso
 
 from __future__ import annotations
 
+import numbers
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ import torch
 
 from ..backends import resolve_backend
 from ..checks import check_precision
-from ..errors import ModkernError
+from ..errors import AlphaError, ModkernError, OptionError
 from ..ops.select_context import SelectContext
 from ..ops.select_engine import engine_for
 from ..ops.select_pipeline import FlatSelect, SelectResult
@@ -29,7 +31,8 @@ from ..ops.select_sweep import TensorSweep
 from ..ops.tensor_memory import view_key
 from .counts import MergeStats
 from .patterns import AlphaRule, Patterns, check_alpha_rule, name_filter
-from .plan import ContextOf, alphas as plan_alphas, check_keys, names_to_merge
+from .plan import (ContextOf, alphas as plan_alphas, check_keys, check_state_dicts,
+                   names_to_merge)
 from .inplace import check_shared_storage
 
 Plan = dict[str, float]
@@ -50,24 +53,26 @@ class Pending:
 def sweep_merges(sd1: Mapping[str, torch.Tensor], sd2: Mapping[str, torch.Tensor],
                  alphas: Iterable[AlphaRule], *, include: Patterns = None,
                  exclude: Patterns = None, precision: str = "exact", strict: bool = True,
-                 backend: str = "auto") -> Iterator[tuple[AlphaRule, dict[str, torch.Tensor]]]:
+                 backend: str = "auto") -> "MergeSteps":
     """Merge two state dicts at many alphas, one after another, at the cost of what changes.
 
-    Yields `(alpha, merged)` for each entry of `alphas`, in its order, where `merged` equals
-    `merge_state_dicts(sd1, sd2, alpha, include=include, exclude=exclude,
-    precision=precision, strict=strict)` bit for bit. `merged` is one working dict updated
-    in place between steps (the same dict and the same tensors every step): copy what you
-    want to keep (`{k: v.clone() for k, v in merged.items()}`). Its carried-over entries
-    are sd1's own tensors, as merge_state_dicts returns them; sd1 and sd2 are never
-    modified.
+    Returns an iterator (MergeSteps) of `(alpha, merged)` for each entry of `alphas`, in
+    its order, where `merged` equals `merge_state_dicts(sd1, sd2, alpha, include=include,
+    exclude=exclude, precision=precision, strict=strict)` bit for bit. `merged` is one
+    working dict updated in place between steps (the same dict and the same tensors every
+    step): copy what you want to keep (`{k: v.clone() for k, v in merged.items()}`). Its
+    carried-over entries are sd1's own tensors, as merge_state_dicts returns them; its
+    merged tensors never carry autograd history (sd1's parameters may require grad). sd1
+    and sd2 are never modified.
 
     Args:
         sd1, sd2: the base model's (model 1) and the other model's state dicts.
-        alphas: the steps: floats in [0, 1], or alpha rules as merge_state_dicts takes them
-            (a mapping name pattern -> float, or a function of the name returning a float
-            or None), e.g. for a search per layer. Read whole before the first step (a
-            function rule is called then for every name, and again at its step: it must
-            give the same answers).
+        alphas: the steps, a list (or any iterable): floats in [0, 1], or alpha rules as
+            merge_state_dicts takes them (a mapping name pattern -> float, or a function of
+            the name returning a float or None), e.g. for a search per layer. A single
+            alpha is refused (AlphaError): give `[alpha]`. Read whole at the first step (a
+            function rule is called then, once for every name; its step uses those
+            answers).
         include, exclude, precision, strict, backend: as for merge_state_dicts.
 
     Cost: the first step is about one merge; with every alpha known up front, each
@@ -78,13 +83,70 @@ def sweep_merges(sd1: Mapping[str, torch.Tensor], sd2: Mapping[str, torch.Tensor
     (4 + b) bytes per element that the lowest alpha takes from model 2 (b: the weights'
     bytes; about 3 bytes per bf16 weight at alpha 0.5 on bell-shaped weights).
 
-    Errors are those merge_state_dicts raises, at the step where it would raise them.
+    Errors are those merge_state_dicts raises, raised by `next` at the step where it
+    would raise them. Nothing is read or checked before the first step (but a single alpha
+    given as `alphas` is refused at once). An error of one
+    step (its alpha rule, a value that is not finite which it would take) ends only that
+    step: the iterator has already moved on, so catching the error and calling `next`
+    again gives the following step. An error of the state dicts themselves (keys, a pair
+    of tensors, name filters, options) is raised by every step, as merge_state_dicts
+    raises it at every alpha.
     """
-    rules = list(alphas)
-    sweep = MergeSweep(SweepInputs(sd1, sd2), rules, include=include, exclude=exclude,
-                       precision=precision, strict=strict, backend=backend)
-    for k, rule in enumerate(rules):
-        yield rule, sweep.step(k)
+    check_steps(alphas, "sweep_merges")
+    options = dict(include=include, exclude=exclude, precision=precision, strict=strict,
+                   backend=backend)
+    return MergeSteps(SweepInputs(sd1, sd2), alphas, options)
+
+
+def check_steps(alphas: object, where: str) -> None:
+    """AlphaError when `alphas`, meant to be a list of steps, is one alpha (a number, a
+    mapping rule, a function rule) or not iterable."""
+    single = (isinstance(alphas, numbers.Number | str | Mapping)
+              or isinstance(alphas, torch.Tensor) and alphas.dim() == 0
+              or not isinstance(alphas, Iterable))
+    if single:
+        raise AlphaError(f"{where}: alphas must be a list of alphas or alpha rules, one per "
+                         f"step; got the single {type(alphas).__name__} {alphas!r}: give "
+                         f"[{alphas!r}] for one step")
+
+
+class MergeSteps(Iterator[tuple[AlphaRule, dict[str, torch.Tensor]]]):
+    """The iterator `sweep_merges` returns: `next` gives `(alpha, merged)` for the next
+    step. It moves past a step before making it, so a step that raises can be skipped by
+    calling `next` again (see sweep_merges). Set-up and steps run under torch.no_grad."""
+
+    def __init__(self, inputs: SweepInputs, alphas: Iterable[AlphaRule], options: dict):
+        self.inputs, self.alphas, self.options = inputs, alphas, options
+        self.rules: list[AlphaRule] | None = None  # read at the first step
+        self.sweep: MergeSweep | None = None
+        self.setup_error: ModkernError | None = None
+        self.position = 0
+
+    def __iter__(self) -> "MergeSteps":
+        return self
+
+    def __next__(self) -> tuple[AlphaRule, dict[str, torch.Tensor]]:
+        if self.rules is None:
+            self.rules = list(self.alphas)
+        k = self.position
+        if k >= len(self.rules):
+            raise StopIteration
+        self.position += 1  # before stepping: a step that raises is passed over
+        with torch.no_grad():
+            return self.rules[k], self.set_up().step(k)
+
+    def set_up(self) -> "MergeSweep":
+        """The sweep, set up at the first step; an error of the set-up is kept and raised
+        by every step (it concerns them all)."""
+        if self.setup_error is not None:
+            raise self.setup_error
+        if self.sweep is None:
+            try:
+                self.sweep = MergeSweep(self.inputs, self.rules, **self.options)
+            except ModkernError as err:
+                self.setup_error = err
+                raise
+        return self.sweep
 
 
 @dataclass
@@ -119,6 +181,7 @@ class MergeSweep:
     def __init__(self, inputs: SweepInputs, rules: list[AlphaRule], *,
                  include: Patterns = None, exclude: Patterns = None,
                  precision: str = "exact", strict: bool = True, backend: str = "auto"):
+        check_state_dicts(inputs.sd1, inputs.sd2)
         self.inputs, self.precision, self.backend = inputs, check_precision(precision), backend
         if strict:
             check_keys(inputs.sd1, inputs.sd2)
@@ -131,11 +194,7 @@ class MergeSweep:
         self.working_of: dict[str, torch.Tensor] = {}  # set-up leaders -> working tensor
         self.tensors: dict[str, TensorSweep | None] = {}  # None: an empty tensor
         self.errors: dict[str, Exception] = {}
-        seen = [p for p in self.plans if isinstance(p, dict)]
-        wanted = {lead: list(dict.fromkeys(p[n] for p in seen for n in self.names
-                                           if self.leader[n] == lead and n in p))
-                  for lead in dict.fromkeys(self.leader.values())}
-        self._build([self._bounds(n, w) for n, w in wanted.items() if w])
+        self._build([self._bounds(n, w) for n, w in self._wanted().items()])
 
     @property
     def inplace(self) -> bool:
@@ -151,6 +210,17 @@ class MergeSweep:
             return plan_alphas(checked, self.names, self.inputs.context_of)
         except Exception as err:  # noqa: BLE001 -- a user's function rule too: raised at its step
             return err
+
+    def _wanted(self) -> dict[str, list[float]]:
+        """The alphas each leader meets, in the order the plans give them (first time
+        seen), the leaders in the order of the names; one pass over the plans."""
+        seen: dict[str, dict[float, None]] = {}
+        for plan in self.plans:
+            if isinstance(plan, dict):
+                for name, a in plan.items():
+                    seen.setdefault(self.leader[name], {})[a] = None
+        return {lead: list(seen[lead]) for lead in dict.fromkeys(self.leader.values())
+                if lead in seen}
 
     def _leaders(self) -> dict[str, str]:
         """In place, tensors that share memory (tied weights) are swept once, by the first
@@ -168,6 +238,9 @@ class MergeSweep:
         t1 = self.inputs.sd1[name]
         if self.inplace:
             work = self.inputs.working[name]
+            if not work.is_contiguous():  # patched through a flat view
+                raise OptionError(f"sweep: the working tensor of {name!r} is not contiguous; "
+                                  "it is patched in place through a flat view")
             flat, src = work.view(-1), None
         else:
             work = torch.empty(t1.shape, dtype=t1.dtype, device=t1.device)

@@ -43,6 +43,7 @@ class ArrayOps:
 
     @staticmethod
     def for_tensor(t: torch.Tensor) -> "ArrayOps":
+        """The operations for a tensor on t's device (numpy on the CPU)."""
         return ArrayOps(t.device)
 
     def bits(self, t: torch.Tensor):
@@ -78,9 +79,11 @@ class ArrayOps:
         return index.astype(np.int64) if self.numpy else index.to(torch.int64)
 
     def to_torch(self, a) -> torch.Tensor:
+        """An array of these operations as a torch tensor (numpy: sharing its memory)."""
         return torch.from_numpy(a) if self.numpy else a
 
     def from_torch(self, t: torch.Tensor):
+        """A CPU torch tensor as an array of these operations (numpy: sharing its memory)."""
         return t.numpy() if self.numpy else t
 
 
