@@ -28,7 +28,8 @@ FILES = ("gpu_results.md", "gpu_results.json", "gpu_bench.csv")
 
 @dataclass(frozen=True)
 class Target:
-    """One target of docs/design.md 4: `kind` says how the value is computed from the case's rows."""
+    """One target of docs/design.md 4: `kind` says how the value is computed from the case's
+    rows."""
 
     id: str
     what: str

@@ -33,7 +33,8 @@ gradients written once.
 The kernels' shared pieces (loading blocks, row statistics, the mixture) are in
 mix_blocks.py. Offsets are 64-bit (rows x V passes 2**31 at training sizes). The launchers
 below follow the engine interface of modkern/ops/mix_torch.py, including the pieces a
-vocabulary split across processes needs (`local_stats`, `forward(..., stats=)`, `backward_sums`, `backward_grads`).
+vocabulary split across processes needs (`local_stats`, `forward(..., stats=)`,
+`backward_sums`, `backward_grads`).
 """
 
 from __future__ import annotations

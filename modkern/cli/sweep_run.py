@@ -14,6 +14,7 @@ Log = Callable[[str], None]
 
 
 def progress(log: Log) -> Callable[[SweepRow], None]:
+    """A row callback that logs each scored alpha (its scores and seconds) as it is done."""
     def show(row: SweepRow) -> None:
         scores = ", ".join(f"{k} {v:.4f}" for k, v in row.scores.items())
         log(f"alpha {row.label}: {scores} ({row.seconds + row.score_seconds:.2f} s)")

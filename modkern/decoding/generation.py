@@ -49,9 +49,9 @@ class MixtureOfDistributions(LogitsProcessor):
     alpha = 1 keeps model 1's distribution (model 2 is not run), alpha = 0 gives model 2's.
     The returned scores are float32 log-probabilities over model 1's vocabulary width;
     columns past the narrower of the two vocabularies are -inf (never chosen), and so is
-    every token generate's own processors forbade (bad_words_ids, min_new_tokens, ...). Put it in `logits_processor=` of
-    `model.generate` with greedy search or sampling (temperature, top-k, top-p act on the
-    mixture); beam search is not supported (the second cache is not reordered).
+    every token generate's own processors forbade (bad_words_ids, min_new_tokens, ...).
+    Put it in `logits_processor=` of `model.generate` with greedy search or sampling
+    (temperature, top-k, top-p act on the mixture); beam search is not supported (the second cache is not reordered).
 
     Model 2 keeps its own KV cache: the first call (the prompt) runs it over the prompt, every
     later call feeds it the one token `generate` appended. A call whose tokens do not extend

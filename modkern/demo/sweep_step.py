@@ -82,11 +82,13 @@ def save_sweep(choice: SweepChoice, out: Path, plot: bool) -> Path | None:
     except OptionError:  # no matplotlib: the demo's own plot already notes it
         return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, result in zip(axes, (choice.mod, choice.mixture)):
-        draw(ax, result)
-        ax.set_title(f"{result.method}: validation log-likelihood")
-        ax.set_xlim(0, 1)
-    fig.tight_layout()
-    fig.savefig(out / "sweep.png", dpi=100)
-    plt.close(fig)
+    try:
+        for ax, result in zip(axes, (choice.mod, choice.mixture)):
+            draw(ax, result)
+            ax.set_title(f"{result.method}: validation log-likelihood")
+            ax.set_xlim(0, 1)
+        fig.tight_layout()
+        fig.savefig(out / "sweep.png", dpi=100)
+    finally:
+        plt.close(fig)
     return out / "sweep.png"
