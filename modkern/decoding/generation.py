@@ -51,7 +51,8 @@ class MixtureOfDistributions(LogitsProcessor):
     columns past the narrower of the two vocabularies are -inf (never chosen), and so is
     every token generate's own processors forbade (bad_words_ids, min_new_tokens, ...).
     Put it in `logits_processor=` of `model.generate` with greedy search or sampling
-    (temperature, top-k, top-p act on the mixture); beam search is not supported (the second cache is not reordered).
+    (temperature, top-k, top-p act on the mixture); beam search is not supported (the
+    second cache is not reordered).
 
     Model 2 keeps its own KV cache: the first call (the prompt) runs it over the prompt, every
     later call feeds it the one token `generate` appended. A call whose tokens do not extend
