@@ -1,6 +1,6 @@
 """The report of bench/gpu_check.py: the GPU targets of docs/design.md 4, judged from the
-rows the GPU suites emit (one JSON line per row, see _common.emit_row), the test pass summarised from JUnit XML,
-and the files written into the output folder:
+rows the GPU suites emit (one JSON line per row, see _common.emit_row), the test pass
+summarised from JUnit XML, and the files written into the output folder:
 
     gpu_results.md    machine, stages, tests, targets (met / not met / not measured), tables
     gpu_results.json  the same as data: machine, stages, tests, targets, every row
