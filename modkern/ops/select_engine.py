@@ -20,7 +20,7 @@ import torch
 
 from ..backends import kernel_module
 from . import select_torch
-from .select_source import TensorSource, take_at
+from .select_source import TensorSource, patch_groups, take_at
 from .select_torch import HotGroup
 
 
@@ -95,7 +95,9 @@ class TorchEngine:
         return select_torch.minmax(src, copy_to)
 
     def patch(self, dst, t2, v, block_max, atomic=False):
-        return take_at(dst, TensorSource(t2), self.selected(dst, v, block_max), atomic)
+        if not t2.is_contiguous() or t2.device != dst.device:  # read where selected only
+            return take_at(dst, TensorSource(t2), self.selected(dst, v, block_max), atomic)
+        return patch_groups(dst, t2.view(-1), v, list(self.groups(dst, v, block_max)), atomic)
 
     def selected(self, flat, v, block_max):
         v = v.reshape(1).to(flat.dtype)

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import torch
 
-from .select_torch import nonfinite
+from .select_torch import HotGroup, at_least, nonfinite, patch_where
 
 
 class ValueSource(Protocol):
@@ -133,3 +133,37 @@ def check_at(dst: torch.Tensor, source: ValueSource, chunks: Iterable[torch.Tens
         if bad >= 0:
             return bad
     return -1
+
+
+def patch_groups(dst: torch.Tensor, t2: torch.Tensor, v: torch.Tensor,
+                 groups: list[HotGroup], atomic: bool = False) -> tuple[int, int]:
+    """take_at for model 2's values in memory (`t2`: contiguous, 1-D, dst's size and
+    device), by the groups of hot blocks: a group that takes at least DENSE_FRACTION of its
+    range is patched by masks over the range (no index per element: at low alpha half the
+    elements are taken, and their indices would cost more than the range), the others at
+    their indices. Same results and same first non-finite index as take_at."""
+    if atomic and len(groups) > 1:  # nothing written if any selected value is not finite
+        for g in groups:
+            bad = _first_bad(dst, t2, v, g)
+            if bad >= 0:
+                return 0, bad
+    taken = 0
+    for g in groups:
+        if g.count >= DENSE_FRACTION * (g.stop - g.start):
+            n, bad = patch_where(dst[g.start:g.stop], t2[g.start:g.stop], v)
+            bad = bad + g.start if bad >= 0 else -1
+        else:
+            n, bad = take_at(dst, TensorSource(t2), [g.indices()])
+        taken += n
+        if bad >= 0:
+            return taken, bad
+    return taken, -1
+
+
+def _first_bad(dst: torch.Tensor, t2: torch.Tensor, v: torch.Tensor, g: HotGroup) -> int:
+    """The flat index of the group's first selected value that is not finite, or -1."""
+    if g.count < DENSE_FRACTION * (g.stop - g.start):
+        return check_at(dst, TensorSource(t2), [g.indices()])
+    part = dst[g.start:g.stop]
+    bad = at_least(part, v.reshape(1).to(dst.dtype)) & nonfinite(t2[g.start:g.stop].to(dst.dtype))
+    return g.start + int(bad.to(torch.uint8).argmax()) if bool(bad.any()) else -1
