@@ -3,7 +3,7 @@
 (modkern.ops.select_source.DENSE_FRACTION).
 
 1. crossover: one group's range (SPAN_GROUP blocks: 4M bf16 elements) of OTHER merged by
-   each route of the checkpoint merge's select (select_pipeline.take_from_file):
+   each route of the checkpoint merge's select (select_pipeline.take_by_groups):
    positioned reads of the pages that hold the selected elements (their indices built
    first), or one read of the whole range and a mask patch; at selected fractions from
    1e-5 to 0.5, with the file evicted from the page cache (cold) and resident (warm).
@@ -42,7 +42,7 @@ from modkern.checkpoint import page_cache
 from modkern.checkpoint.safetensors_io import SafetensorsReader
 from modkern.ops import select_source
 from modkern.ops.select_engine import engine_for
-from modkern.ops.select_pipeline import take_from_file
+from modkern.ops.select_pipeline import take_by_groups
 from modkern.ops.select_torch import BLOCK, SPAN_GROUP
 
 from _common import (SMALL, scratch_fixture, console_script, main,  # noqa: E402
@@ -94,7 +94,7 @@ def generate_pair(root: Path) -> tuple[Path, Path]:
 
 def route_ms(reader: SafetensorsReader, t1: torch.Tensor, v: torch.Tensor,
              fraction: float, cold: bool) -> float:
-    """Median milliseconds of take_from_file on t1 with OTHER's embedding range, the route
+    """Median milliseconds of take_by_groups on t1 with OTHER's embedding range, the route
     forced by DENSE_FRACTION = `fraction`."""
     engine, path, times = engine_for("torch"), reader.path, []
     saved = select_source.DENSE_FRACTION
@@ -107,7 +107,7 @@ def route_ms(reader: SafetensorsReader, t1: torch.Tensor, v: torch.Tensor,
                 reader.read_range(EMBED, 0, t1.numel())
             flat = t1.clone()
             start = time.perf_counter()
-            take_from_file(flat, select_source.ReaderSource(reader, EMBED), engine, v,
+            take_by_groups(flat, select_source.ReaderSource(reader, EMBED), engine, v,
                            torch.empty(0))
             times.append(time.perf_counter() - start)
     finally:

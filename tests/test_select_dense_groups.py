@@ -1,7 +1,7 @@
-"""The torch engine's patch from a tensor at low alpha: a group of hot blocks that takes
+"""The torch engine's select from a tensor at low alpha: a group of hot blocks that takes
 many of its elements is patched by masks over its range, a sparse one at its indices
-(modkern.ops.select_source.patch_groups). Checked against the numpy oracle, with groups of
-both kinds in one tensor, and for non-finite values of model 2 in a dense and in a sparse
+(modkern.ops.select_pipeline.take_by_groups). Checked against the numpy oracle, with groups
+of both kinds in one tensor, and for non-finite values of model 2 in a dense and in a sparse
 group: the same first index as the element-by-element route, and nothing written in place."""
 
 from __future__ import annotations

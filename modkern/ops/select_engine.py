@@ -20,7 +20,7 @@ import torch
 
 from ..backends import kernel_module
 from . import select_torch
-from .select_source import TensorSource, patch_groups, take_at
+from .select_source import TensorSource, take_at
 from .select_torch import HotGroup
 
 
@@ -28,6 +28,9 @@ class SelectEngine(Protocol):
     """One way to run the select's passes over a contiguous 1-D tensor."""
 
     name: Literal["torch", "triton"]
+    # True when `patch` reads model 2 from a tensor in its own pass over the hot blocks (a
+    # kernel); False: the pipeline takes a tensor's values group by group, as a file's
+    fused_patch: bool
 
     @property
     def direct_max(self) -> int:
@@ -86,6 +89,7 @@ class TorchEngine:
     """Vectorized torch ops (any device)."""
 
     name = "torch"
+    fused_patch = False
 
     @property
     def direct_max(self) -> int:
@@ -95,9 +99,7 @@ class TorchEngine:
         return select_torch.minmax(src, copy_to)
 
     def patch(self, dst, t2, v, block_max, atomic=False):
-        if not t2.is_contiguous() or t2.device != dst.device:  # read where selected only
-            return take_at(dst, TensorSource(t2), self.selected(dst, v, block_max), atomic)
-        return patch_groups(dst, t2.view(-1), v, list(self.groups(dst, v, block_max)), atomic)
+        return take_at(dst, TensorSource(t2), self.selected(dst, v, block_max), atomic)
 
     def selected(self, flat, v, block_max):
         v = v.reshape(1).to(flat.dtype)
@@ -118,6 +120,7 @@ class TritonEngine:
     TRITON_INTERPRET=1)."""
 
     name = "triton"
+    fused_patch = True
     direct_max = 0
 
     def __init__(self):

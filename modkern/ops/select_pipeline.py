@@ -6,9 +6,10 @@ each rank of the distributed merge (a row block, its min and max reduced over th
 2. t1 must be finite (a NaN or an infinity shows in the min or max);
 3. the exact threshold v (select_reference.select_threshold), so `norm(x) < alpha <=> x < v`;
 4. what to take: the elements >= v (small tensors on the torch engine: the formula itself);
-5. model 2's values there: from a tensor (the engine's fused patch) or from a file, group
-   by group of hot blocks: a group that takes many elements read whole and patched like a
-   tensor, the others read only at their selected indices (`take_from_file`);
+5. model 2's values there: from a tensor in the engine's fused patch (a kernel), or group
+   by group of hot blocks (a file on every engine, a tensor on the torch engine): a group
+   that takes many elements read whole and patched by masks, the others read only at
+   their selected indices (`take_by_groups`);
 6. they must be finite in t1's dtype;
 7. the write into the output.
 
@@ -26,6 +27,7 @@ import torch
 from .select_context import SelectContext
 from .select_engine import PackedEngine, SelectEngine
 from .select_reference import alpha_tensor, normalized, select_threshold
+from .select_torch import at_least, nonfinite
 from .select_source import TensorSource, ValueSource, check_at, take_at
 from .tensor_memory import shares_memory, view_key
 
@@ -72,16 +74,17 @@ class FlatSelect:
         flat = self.dst
         if flat.numel() == 0:
             return SelectResult(0, 0)
-        # a file goes by groups on every engine (so every engine reads it alike)
+        # by groups of hot blocks, except where the engine's patch reads a tensor in its own
+        # pass; a file goes by groups on every engine (so every engine reads it alike)
         if flat.numel() <= self.engine.direct_max and source.tensor is not None:
             taken, bad = take_at(flat, source, [direct_taken(flat, mn, mx, alpha, precision)])
         else:
             v = select_threshold(mn, mx, alpha, precision).to(flat.device)
-            if source.tensor is not None:
+            if source.tensor is not None and self.engine.fused_patch:
                 taken, bad = self.engine.patch(flat, source.tensor, v, self.block_max,
                                                atomic=atomic)
             else:
-                taken, bad = take_from_file(flat, source, self.engine, v, self.block_max,
+                taken, bad = take_by_groups(flat, source, self.engine, v, self.block_max,
                                             atomic)
         if bad >= 0:
             raise self.context.nonfinite_other(value_at(source, bad), bad, flat.dtype)
@@ -96,11 +99,10 @@ class FlatSelect:
         if flat.numel() == 0:
             return
         if flat.numel() <= self.engine.direct_max:
-            chunks = [direct_taken(flat, mn, mx, alpha, precision)]
+            bad = check_at(flat, source, [direct_taken(flat, mn, mx, alpha, precision)])
         else:
             v = select_threshold(mn, mx, alpha, precision).to(flat.device)
-            chunks = self.engine.selected(flat, v, self.block_max)
-        bad = check_at(flat, source, chunks)
+            bad = first_bad_by_groups(flat, source, self.engine, v, self.block_max)
         if bad >= 0:
             raise self.context.nonfinite_other(value_at(source, bad), bad, flat.dtype)
 
@@ -113,21 +115,22 @@ def direct_taken(flat: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor, alpha: 
     return torch.nonzero(~keep).flatten()
 
 
-def take_from_file(flat: torch.Tensor, source: ValueSource, engine: SelectEngine,
+def take_by_groups(flat: torch.Tensor, source: ValueSource, engine: SelectEngine,
                    v: torch.Tensor, block_max: torch.Tensor, atomic: bool = False
                    ) -> tuple[int, int]:
-    """Steps 4-7 with model 2 in a file, one group of hot blocks at a time (bounded memory):
-    a group that takes many of its range's elements (source.reads_range) has that range
-    read in one read and patched by the engine like a tensor, without any index; the others
-    are read at their indices' pages. Returns (taken, first non-finite index or -1)."""
-    groups = engine.groups(flat, v, block_max)
-    if atomic:  # all values are checked before any is written: by their indices
-        return take_at(flat, source, (g.indices() for g in groups), atomic=True)
-    reads_range = getattr(source, "reads_range", None)  # a ReaderSource reads ranges
+    """Steps 4-7 one group of hot blocks at a time (bounded memory): a group that takes many
+    of its range's elements (source.reads_range: at low alpha) has model 2's range read at
+    once and patched by masks, without any index; the others are read at their indices
+    (from a file: their pages). With `atomic`, every group is checked before any is
+    written. Returns (taken, first non-finite index or -1)."""
+    if atomic:
+        bad = first_bad_by_groups(flat, source, engine, v, block_max)
+        if bad >= 0:
+            return 0, bad
     taken = 0
-    for g in groups:
-        if reads_range is not None and reads_range(g.count, g.stop - g.start):
-            values = source.read_range(g.start, g.stop).to(flat.device)  # type: ignore
+    for g in engine.groups(flat, v, block_max):
+        if source.reads_range(g.count, g.stop - g.start):
+            values = source.read_range(g.start, g.stop).to(flat.device)
             n, bad = engine.patch_range(flat[g.start:g.stop], values, v,
                                         block_max[g.first_block:g.end_block])
             bad = bad + g.start if bad >= 0 else -1
@@ -137,6 +140,25 @@ def take_from_file(flat: torch.Tensor, source: ValueSource, engine: SelectEngine
         if bad >= 0:
             return taken, bad
     return taken, -1
+
+
+def first_bad_by_groups(flat: torch.Tensor, source: ValueSource, engine: SelectEngine,
+                        v: torch.Tensor, block_max: torch.Tensor) -> int:
+    """The flat index of the first value of model 2 that is taken and not finite (in
+    flat's dtype), or -1; nothing is written. Groups as in take_by_groups."""
+    at_v = v.reshape(1).to(flat.dtype)
+    for g in engine.groups(flat, v, block_max):
+        if source.reads_range(g.count, g.stop - g.start):
+            values = source.read_range(g.start, g.stop).to(device=flat.device,
+                                                           dtype=flat.dtype)
+            bad = at_least(flat[g.start:g.stop], at_v) & nonfinite(values)
+            if bool(bad.any()):
+                return g.start + int(bad.to(torch.uint8).argmax())
+        else:
+            bad_at = check_at(flat, source, [g.indices()])
+            if bad_at >= 0:
+                return bad_at
+    return -1
 
 
 def value_at(source: ValueSource, index: int) -> torch.Tensor:

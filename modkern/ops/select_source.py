@@ -15,7 +15,7 @@ from typing import Protocol
 
 import torch
 
-from .select_torch import HotGroup, at_least, nonfinite, patch_where
+from .select_torch import nonfinite
 
 
 class ValueSource(Protocol):
@@ -29,6 +29,13 @@ class ValueSource(Protocol):
     def read(self, flat_idx: torch.Tensor) -> torch.Tensor:
         """Model 2's values (as stored: its dtype, any device) at the sorted flat indices
         `flat_idx` of the part."""
+
+    def reads_range(self, taken: int, span: int) -> bool:
+        """Whether a range of `span` elements of the part that takes `taken` of them is
+        read whole (`read_range`) rather than at its elements (`read`)."""
+
+    def read_range(self, start: int, stop: int) -> torch.Tensor:
+        """Model 2's elements [start, stop) of the part (as stored)."""
 
 
 def gather_flat(t: torch.Tensor, flat_idx: torch.Tensor) -> torch.Tensor:
@@ -47,6 +54,13 @@ class TensorSource:
     def read(self, flat_idx: torch.Tensor) -> torch.Tensor:
         return gather_flat(self.tensor, flat_idx.to(self.tensor.device))
 
+    def reads_range(self, taken: int, span: int) -> bool:
+        # a range of a strided t2 would be a copy of all of it: indices then
+        return self.tensor.is_contiguous() and dense(taken, span)
+
+    def read_range(self, start: int, stop: int) -> torch.Tensor:
+        return self.tensor.view(-1)[start:stop]
+
 
 # A group of hot blocks is read whole, in one positioned read of the range it spans, when
 # it takes at least this fraction of that range's elements; a sparser group is read at its
@@ -57,6 +71,12 @@ class TensorSource:
 # bytes. At alpha 0.9 on N(0, 0.02) weights about 1e-5 to 1e-4 of the elements are taken:
 # the page route, a few % of OTHER's bytes.
 DENSE_FRACTION = 1e-2
+
+
+def dense(taken: int, span: int) -> bool:
+    """Whether a range of `span` elements that takes `taken` of them from model 2 is taken
+    whole, by masks over the range, rather than at its elements' indices."""
+    return taken >= DENSE_FRACTION * span
 
 
 class ElementReader(Protocol):
@@ -80,9 +100,9 @@ class ReaderSource:
         return self.reader.read_elements(self.name, flat_idx.cpu() + self.first)
 
     def reads_range(self, taken: int, span: int) -> bool:
-        """Whether a range of `span` elements of the part that takes `taken` of them is
-        read whole (one sequential read) rather than at its elements' pages."""
-        return hasattr(self.reader, "read_range") and taken >= DENSE_FRACTION * span
+        """Whether a range of the part is read whole (one sequential read) rather than at
+        its elements' pages: when the reader can and the range is dense."""
+        return hasattr(self.reader, "read_range") and dense(taken, span)
 
     def read_range(self, start: int, stop: int) -> torch.Tensor:
         """Model 2's elements [start, stop) of the part (as stored), in one read."""
@@ -134,36 +154,3 @@ def check_at(dst: torch.Tensor, source: ValueSource, chunks: Iterable[torch.Tens
             return bad
     return -1
 
-
-def patch_groups(dst: torch.Tensor, t2: torch.Tensor, v: torch.Tensor,
-                 groups: list[HotGroup], atomic: bool = False) -> tuple[int, int]:
-    """take_at for model 2's values in memory (`t2`: contiguous, 1-D, dst's size and
-    device), by the groups of hot blocks: a group that takes at least DENSE_FRACTION of its
-    range is patched by masks over the range (no index per element: at low alpha half the
-    elements are taken, and their indices would cost more than the range), the others at
-    their indices. Same results and same first non-finite index as take_at."""
-    if atomic and len(groups) > 1:  # nothing written if any selected value is not finite
-        for g in groups:
-            bad = _first_bad(dst, t2, v, g)
-            if bad >= 0:
-                return 0, bad
-    taken = 0
-    for g in groups:
-        if g.count >= DENSE_FRACTION * (g.stop - g.start):
-            n, bad = patch_where(dst[g.start:g.stop], t2[g.start:g.stop], v)
-            bad = bad + g.start if bad >= 0 else -1
-        else:
-            n, bad = take_at(dst, TensorSource(t2), [g.indices()])
-        taken += n
-        if bad >= 0:
-            return taken, bad
-    return taken, -1
-
-
-def _first_bad(dst: torch.Tensor, t2: torch.Tensor, v: torch.Tensor, g: HotGroup) -> int:
-    """The flat index of the group's first selected value that is not finite, or -1."""
-    if g.count < DENSE_FRACTION * (g.stop - g.start):
-        return check_at(dst, TensorSource(t2), [g.indices()])
-    part = dst[g.start:g.stop]
-    bad = at_least(part, v.reshape(1).to(dst.dtype)) & nonfinite(t2[g.start:g.stop].to(dst.dtype))
-    return g.start + int(bad.to(torch.uint8).argmax()) if bool(bad.any()) else -1
