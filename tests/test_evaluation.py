@@ -4,15 +4,14 @@ example at a time, in float64) and `modkern.sweep` / `sweep_mixture` on tiny mod
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 
 import modkern
-from modkern import DataError, OptionError
-from modkern.evaluation.data import Example, read_prompt_answers
+from modkern import OptionError
+from modkern.evaluation.data import Example
 
 pytest.importorskip("transformers")
 
@@ -33,46 +32,6 @@ def tok():
 def models(tok):
     return (tiny_causal_lm(len(tok), hidden=32, layers=2, seed=0),
             tiny_causal_lm(len(tok), hidden=32, layers=2, seed=1))
-
-
-# --- data --------------------------------------------------------------------------------
-
-def write(tmp_path, lines: list[str]):
-    path = tmp_path / "data.jsonl"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
-def test_reads_examples_skipping_blank_lines(tmp_path):
-    path = write(tmp_path, [json.dumps({"prompt": "a=", "answer": "b", "task": "t"}), "",
-                            json.dumps({"prompt": "", "answer": "x", "extra": 1})])
-    got = read_prompt_answers(path)
-    assert [(e.prompt, e.answer, e.task) for e in got] == [("a=", "b", "t"), ("", "x", None)]
-    assert got[1].where == f"{path}:3"
-
-
-@pytest.mark.parametrize("line, field", [
-    ("{not json", "not JSON"),
-    ("[1, 2]", "a JSON list"),
-    ('{"answer": "4"}', 'field "prompt" is missing'),
-    ('{"prompt": "2+2=", "answer": 4}', 'field "answer" is a int'),
-    ('{"prompt": "2+2=", "answer": ""}', 'field "answer" is empty'),
-    ('{"prompt": "2+2=", "answer": "4", "task": 3}', 'field "task" is 3'),
-    ('{"prompt": "2+2=", "answer": "4", "task": "mean"}', 'field "task" is \'mean\''),
-])
-def test_malformed_line_names_file_line_and_field(tmp_path, line, field):
-    path = write(tmp_path, [json.dumps({"prompt": "1=", "answer": "1"}), line])
-    with pytest.raises(DataError) as e:
-        read_prompt_answers(path)
-    msg = str(e.value)
-    assert msg.startswith(f"{path}:2: ") and field in msg and "\n" not in msg
-
-
-def test_unreadable_and_empty_files(tmp_path):
-    with pytest.raises(DataError, match="cannot read"):
-        read_prompt_answers(tmp_path / "missing.jsonl")
-    with pytest.raises(DataError, match="no examples"):
-        read_prompt_answers(write(tmp_path, ["", "  "]))
 
 
 # --- scorers -----------------------------------------------------------------------------
